@@ -1,0 +1,5 @@
+import sys
+
+from rigface.cli import main
+
+sys.exit(main())

@@ -1,0 +1,209 @@
+"""One typed config for every job: YAML files, then environment, then command-line overrides.
+
+Precedence (last wins): defaults < YAML files (in the order given) < ``RIGFACE__SECTION__FIELD`` env vars
+< ``section.field=value`` overrides. Values from env and overrides are parsed as YAML scalars, so
+``train.lr=1e-4`` is a float and ``prepare.splits={train: 0.9, val: 0.1}`` a mapping.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rigface.face.config import FaceConfig
+from rigface.model.config import ModelConfig
+
+ENV_PREFIX = "RIGFACE__"
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names every bad field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StorageConfig(_Section):
+    # Where the local stack keeps its state (pids, env file, S3 data, MLflow sqlite).
+    state_dir: str = ".rigface"
+    # Bucket for shards, checkpoints and MLflow artifacts on the local stack.
+    bucket: str = "rigface"
+    # Endpoint of an S3-compatible store; None means AWS's own or AWS_ENDPOINT_URL from the environment.
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    max_attempts: int = Field(8, ge=1, description="boto3 retry attempts on transient errors")
+    mlflow_tracking_uri: str | None = None
+
+
+class PrepareConfig(_Section):
+    source: str | None = None
+    output: str | None = None
+    pairs_per_video: int = Field(8, ge=1)
+    max_pairs_per_video: int = Field(64, ge=1)
+    min_gap_seconds: float = Field(1.0, ge=0.0)
+    shard_size: int = Field(64, ge=1, description="samples per shard")
+    seed: int = 0
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of videos in the val split")
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    max_frame_side: int = Field(4096, ge=64, description="frames larger than this are downscaled first")
+    num_face_actors: int = Field(1, ge=1)
+    face_actor_cpus: float = Field(0.5, gt=0.0)
+    face_actor_gpus: float = Field(0.0, ge=0.0)
+
+
+class TrainConfig(_Section):
+    data: str | None = None
+    run_name: str = "rigface"
+    experiment: str = "rigface"
+    storage_path: str | None = None
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    batch_size: int = Field(4, ge=1, description="per worker")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-5, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(1e-2, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_steps: int = Field(100_000, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    image_every: int = Field(1000, ge=1)
+    max_failures: int = Field(3, ge=0)
+    seed: int = 0
+    register_model: str | None = None
+    loader_workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(256, ge=0)
+
+
+class EvaluateConfig(_Section):
+    data: str | None = None
+    model: str | None = None
+    out: str | None = None
+    split: str = "val"
+    num_inference_steps: int = Field(50, ge=1)
+    batch_size: int = Field(4, ge=1)
+    max_samples: int | None = Field(None, ge=1)
+    lpips_net: Literal["alex", "vgg"] = "alex"
+    mlflow_run_id: str | None = None
+
+
+class RigFaceConfig(_Section):
+    storage: StorageConfig = StorageConfig()
+    face: FaceConfig = FaceConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to values, for MLflow params (no secrets live in the config)."""
+        return dict(_flatten(self.model_dump(mode="json")))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _flatten(value, name + ".")
+        else:
+            yield name, value
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"override {dotted!r}: expected section.field=value")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.field=value")
+        key, _, raw = item.partition("=")
+        _set_dotted(tree, key.strip(), _parse_scalar(raw))
+    return tree
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    environ = os.environ if environ is None else environ
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if name.startswith(ENV_PREFIX):
+            dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _set_dotted(tree, dotted, _parse_scalar(raw))
+    return tree
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    # A file may name other files to build on, relative to itself: `include: [model/tiny.yaml]`.
+    merged: dict[str, Any] = {}
+    for inc in data.pop("include", None) or []:
+        _deep_merge(merged, read_yaml(path.parent / inc))
+    return _deep_merge(merged, data)
+
+
+def validate(tree: Mapping[str, Any]) -> RigFaceConfig:
+    try:
+        return RigFaceConfig.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "<root>"
+            lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+
+
+def load_config(
+    files: Iterable[str | os.PathLike[str]] = (),
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> RigFaceConfig:
+    """Build the config from YAML files, RIGFACE__* env vars and dotted overrides, in that order."""
+    tree: dict[str, Any] = {}
+    for f in files:
+        _deep_merge(tree, read_yaml(f))
+    _deep_merge(tree, env_overrides(environ))
+    _deep_merge(tree, parse_overrides(overrides))
+    return validate(tree)

@@ -1,0 +1,78 @@
+import os
+
+import pytest
+
+from rigface.data import storage
+
+
+def test_parse_url():
+    u = storage.parse_url("s3://bucket/a/b.tar")
+    assert (u.scheme, u.bucket, u.key) == ("s3", "bucket", "a/b.tar")
+    assert storage.join("s3://bucket/a/", "b", "/c.json") == "s3://bucket/a/b/c.json"
+    assert storage.parse_url("file:///tmp/x").key == "/tmp/x"
+    assert storage.parse_url("/tmp/x").scheme == "file"
+    with pytest.raises(ValueError):
+        storage.parse_url("gs://bucket/x")
+    with pytest.raises(ValueError):
+        storage.parse_url("s3:///nobucket")
+
+
+def test_local_roundtrip(tmp_path):
+    root = tmp_path / "root dir ünï"
+    url = str(root / "a" / "x.bin")
+    assert not storage.exists(url)
+    storage.write_bytes(url, b"hello")
+    assert storage.exists(url) and storage.read_bytes(url) == b"hello"
+    assert storage.size(url) == 5
+    assert storage.read_range(url, 1, 3) == b"ell"
+    storage.write_text(str(root / "b.txt"), "t")
+    assert storage.list_urls(str(root)) == sorted([str(root / "a" / "x.bin"), str(root / "b.txt")])
+    assert storage.list_urls(str(root), suffix=".txt") == [str(root / "b.txt")]
+    storage.delete(url)
+    storage.delete(url)  # twice is fine
+    assert not storage.exists(url)
+    assert storage.delete_prefix(str(root)) == 1
+
+
+def test_local_write_is_atomic(tmp_path, monkeypatch):
+    url = str(tmp_path / "obj")
+    storage.write_bytes(url, b"old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        storage.write_bytes(url, b"new-but-failed")
+    monkeypatch.undo()
+    assert storage.read_bytes(url) == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["obj"], "no temp file left behind"
+
+
+def test_missing_local_file_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(str(tmp_path / "nope"))
+
+
+def test_retry_gives_up_on_permanent_errors_and_retries_transient(monkeypatch):
+    monkeypatch.setenv("RIGFACE_S3_RETRY_SECONDS", "5")
+    calls = {"n": 0}
+
+    @storage.retrying
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise ConnectionError("refused")
+        return "ok"
+
+    assert flaky() == "ok" and calls["n"] == 3
+
+    @storage.retrying
+    def permanent():
+        calls["n"] += 1
+        raise ValueError("bad request")
+
+    calls["n"] = 0
+    with pytest.raises(ValueError):
+        permanent()
+    assert calls["n"] == 1
