@@ -14,7 +14,10 @@ from rigface.config import ConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rigface", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="rigface",
+        description="RigFace at cluster scale: datasets from portrait videos, dual-UNet training, face edits.",
+    )
     parser.add_argument("--version", action="version", version=f"rigface {__version__}")
     parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
                         help="YAML config file (repeatable; later files win)")
