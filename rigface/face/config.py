@@ -19,5 +19,11 @@ class FaceConfig(BaseModel):
     multi_face: Literal["largest", "skip"] = "largest"
     min_face_size: int = Field(64, ge=1, description="smallest face box side, in source pixels")
     min_confidence: float = Field(0.6, ge=0.0, le=1.0)
+    crop_scale: float = Field(2.2, gt=1.0, description="crop side / face box side; >1 keeps partial background")
+    crop_step: float = Field(
+        0.05, ge=0.0, lt=0.5, description="crop-box snapping step (fraction of the side): stable crops across frames"
+    )
+    detect_max_side: int = Field(1280, ge=64, description="frames larger than this are downscaled for detection")
+    mask_work_size: int = Field(160, ge=32, description="GrabCut runs at this size, then is upscaled")
     # Folder or s3:// URI with user-supplied weights for the paper-faithful backends.
     weights: str | None = None

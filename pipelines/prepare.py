@@ -1,0 +1,509 @@
+"""`rigface prepare`: Ray Data streams portrait videos into WebDataset training shards.
+
+Stages::
+
+    list + content hash (CPU tasks)  ->  plan (driver: de-duplicate, split by video, assign videos to shards,
+    drop shards already done)  ->  decode + sample pairs (CPU tasks)  ->  face analysis (actor pool, one
+    FaceAnalyzer per actor, fractional CPUs / GPUs)  ->  pair conditions + encode (CPU tasks)  ->
+    shard assembly and write (driver streams the ordered output, a thread pool writes each shard, then its
+    stats file)  ->  index + dataset card.
+
+The shard is the unit of work and of retry: videos go to shards by their sorted content hash, so a rerun plans
+the same shards and skips every shard whose stats file exists. Memory stays bounded: Ray Data streams with
+backpressure and the driver holds at most the shards still being assembled (output order is preserved, so
+that is about one shard).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pickle
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from rigface import __version__
+from rigface.config import RigFaceConfig
+from rigface.data import shards as shardio
+from rigface.data import sources, storage
+from rigface.data.sampling import frames_of, min_gap_frames, replace_failed, sample_distant_pairs
+from rigface.data.schema import PairSample, SchemaError, encode_sample, pack_sample, sample_key
+from rigface.data.video import Video, VideoError
+
+log = logging.getLogger(__name__)
+
+
+class PrepareError(RuntimeError):
+    """The job cannot run as asked (existing dataset without --append/--overwrite, empty source...)."""
+
+
+@dataclass
+class PrepareSummary:
+    output: str
+    version: int
+    sources: list[str]
+    videos_listed: int = 0
+    videos_duplicate: int = 0          # same content as a video already in the dataset or earlier in the listing
+    videos_planned: int = 0
+    shards_planned: int = 0
+    shards_written: int = 0
+    shards_resumed: int = 0            # already done by an earlier run
+    videos_ok: int = 0
+    pairs: int = 0
+    frames_analyzed: int = 0
+    video_skips: dict[str, int] = field(default_factory=dict)
+    frame_skips: dict[str, int] = field(default_factory=dict)
+    per_split: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    content_hash: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- face backend (pluggable for tests/bench)
+
+
+class FaceBackend:
+    """What the pipeline needs from face analysis: one frame -> FaceFit | FaceSkip, a pair -> conditions."""
+
+    def __init__(self, face_cfg) -> None:
+        from rigface.face.analyzer import FaceAnalyzer
+
+        self.analyzer = FaceAnalyzer(face_cfg)
+
+    def analyze(self, rgb: np.ndarray):
+        return self.analyzer.analyze(rgb)
+
+    @staticmethod
+    def conditions(source_fit, target_fit):
+        return _build_conditions()(source_fit, target_fit, edit="all")
+
+
+def _build_conditions():
+    try:
+        from rigface.face.conditions import build_conditions
+    except ImportError:
+        from rigface.face import build_conditions  # type: ignore[attr-defined,no-redef]
+    return build_conditions
+
+
+# ---------------------------------------------------------------- stage functions (run in Ray workers)
+
+
+def hash_row(row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        row["content_hash"] = sources.content_hash(row["url"])
+        row["error"] = ""
+    except Exception as exc:  # noqa: BLE001 - an unreadable object is a recorded skip, not a crash
+        row["content_hash"] = ""
+        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return row
+
+
+def decode_row(row: dict[str, Any], *, n_pairs: int, spare: int, min_gap_seconds: float, seed: int,
+               max_side: int) -> dict[str, Any]:
+    """Open the video, sample candidate pairs (with spares), decode their frames."""
+    out = {k: row[k] for k in ("shard", "video_id", "content_hash", "split", "url", "name")}
+    out.update(status="", n_frames=0, fps=0.0, candidates="[]", frame_indices=[], frames=None,
+               frame_errors="{}", downscaled=False)
+    try:
+        with sources.local_copy(row["url"]) as path, Video(path, max_side=max_side) as video:
+            info = video.info
+            out.update(n_frames=info.n_frames, fps=info.fps, downscaled=info.downscaled)
+            cands = sample_distant_pairs(info.n_frames, info.fps, n_pairs + spare, min_gap_seconds,
+                                         seed=seed, salt=row["content_hash"])
+            if not cands:
+                out["status"] = "too_short"
+                return out
+            good, failed = video.read_each(frames_of(cands))
+    except VideoError as exc:
+        out["status"] = exc.reason
+        return out
+    except Exception as exc:  # noqa: BLE001 - e.g. the object vanished from S3: a recorded skip
+        log.warning("prepare: cannot read video", extra={"url": row["url"], "error": repr(exc)})
+        out["status"] = "unreadable"
+        return out
+    if not good:
+        out["status"] = "decode_failed"
+        return out
+    idx = sorted(good)
+    out.update(candidates=json.dumps(cands), frame_indices=idx, frames=pickle.dumps(np.stack([good[i] for i in idx]),
+               protocol=5), frame_errors=json.dumps(failed))
+    return out
+
+
+class AnalyzeFrames:
+    """Actor-pool stage: builds the face backend once per actor, analyzes every decoded frame of a video."""
+
+    def __init__(self, face_cfg, backend_factory: Callable[[Any], Any] | None = None) -> None:
+        self.backend = (backend_factory or FaceBackend)(face_cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fits_col = []
+        frames_col = batch["frames"]
+        for i in range(len(batch["video_id"])):
+            results: dict[int, Any] = {}
+            if batch["status"][i] == "" and frames_col[i] is not None:
+                frames = pickle.loads(frames_col[i])
+                for fi, frame in zip(batch["frame_indices"][i], frames):
+                    try:
+                        results[int(fi)] = self.backend.analyze(frame)
+                    except Exception as exc:  # noqa: BLE001 - one bad frame is a skip, not a dead actor
+                        results[int(fi)] = ("fit_failed", f"{type(exc).__name__}: {exc}"[:200])
+            fits_col.append(pickle.dumps(results, protocol=5))
+        batch = dict(batch)
+        batch["fits"] = np.array(fits_col, dtype=object)
+        batch["frames"] = np.array([None] * len(fits_col), dtype=object)  # full frames are not needed further on
+        return batch
+
+
+def build_samples_row(row: dict[str, Any], *, n_pairs: int, min_gap_seconds: float, seed: int, jpeg_quality: int,
+                      backend_factory: Callable[[Any], Any] | None = None, face_cfg=None) -> dict[str, Any]:
+    """Choose the final pairs among frames whose analysis passed, build their conditions, encode the samples."""
+    report: dict[str, Any] = {"video_id": row["video_id"], "content_hash": row["content_hash"],
+                              "split": row["split"], "url": row["url"], "name": row["name"],
+                              "status": row["status"], "n_frames": int(row["n_frames"] or 0),
+                              "fps": float(row["fps"] or 0.0), "frame_skips": {}, "pairs": 0, "replaced": 0}
+    keys: list[str] = []
+    blobs: list[bytes] = []
+    if not row["status"]:
+        fits = pickle.loads(row["fits"])
+        skips: Counter[str] = Counter(json.loads(row["frame_errors"]).values())
+        ok: dict[int, Any] = {}
+        for fi, res in fits.items():
+            if isinstance(res, tuple):
+                skips[res[0]] += 1
+            elif hasattr(res, "reason"):
+                skips[getattr(res.reason, "value", str(res.reason))] += 1
+            else:
+                ok[fi] = res
+        report["frames_analyzed"] = len(fits)
+        cands = [tuple(p) for p in json.loads(row["candidates"])]
+        gap = min_gap_frames(report["fps"], min_gap_seconds)
+        pairs = replace_failed(cands, ok, n_pairs, gap, seed=seed, salt=row["content_hash"])
+        report["replaced"] = sum(1 for p in pairs if p not in cands[:n_pairs])
+        conditions = (backend_factory.conditions if backend_factory is not None and hasattr(
+            backend_factory, "conditions") else FaceBackend.conditions)
+        for a, b in pairs:
+            try:
+                cond = conditions(ok[a], ok[b])
+                sample = to_pair_sample(row, a, b, ok[a], ok[b], cond, report["fps"])
+                key = sample.key
+                blobs.append(pack_sample(key, encode_sample(sample, jpeg_quality=jpeg_quality)))
+                keys.append(key)
+            except (SchemaError, ValueError, RuntimeError) as exc:
+                skips["conditions_failed"] += 1
+                log.warning("prepare: pair dropped", extra={"video": row["video_id"], "pair": (a, b), "error": repr(exc)})
+        report["frame_skips"] = dict(skips)
+        report["pairs"] = len(keys)
+        if not keys:
+            report["status"] = "no_pairs"
+    return {"shard": row["shard"], "video_id": row["video_id"], "report": json.dumps(report, sort_keys=True),
+            "keys": keys, "samples": blobs}
+
+
+def to_pair_sample(row: dict[str, Any], a: int, b: int, src, tgt, cond, fps: float) -> PairSample:
+    key = sample_key(row["video_id"], a, b)
+    return PairSample(
+        key=key, source=src.crop, target=tgt.crop, render=cond.render, background=cond.background,
+        expression=np.asarray(cond.expression, np.float32), mask_source=cond.mask_source,
+        mask_target=cond.mask_target,
+        meta={
+            "video_id": row["video_id"], "content_hash": row["content_hash"], "source_name": row["name"],
+            "frames": [int(a), int(b)], "times": [round(a / fps, 6), round(b / fps, 6)], "fps": fps,
+            "split": row["split"], "edit": getattr(cond, "edit", "all"),
+            "boxes": {"source": [int(v) for v in src.crop_box], "target": [int(v) for v in tgt.crop_box]},
+            "pose": {"source": src.pose.to_meta(), "target": tgt.pose.to_meta()},
+            "lighting": {"source": np.asarray(src.lighting).round(6).tolist(),
+                         "target": np.asarray(tgt.lighting).round(6).tolist()},
+            "backends": {str(k): str(v) for k, v in {**src.backends, **tgt.backends}.items()},
+            "scores": {"source": {k: float(v) for k, v in src.scores.items()},
+                       "target": {k: float(v) for k, v in tgt.scores.items()}},
+        },
+    )
+
+
+# ---------------------------------------------------------------- planning (driver)
+
+
+@dataclass
+class Plan:
+    version: int
+    shards: dict[str, list[dict[str, Any]]]      # shard URL -> its videos (sorted)
+    duplicates: list[dict[str, Any]]
+    unreadable: list[dict[str, Any]]
+    previous: dict[str, Any] | None
+    listed: int
+
+
+def plan_shards(videos: Iterable[dict[str, Any]], *, output: str, version: int, videos_per_shard: int,
+                val_fraction: float, seed: int, known: set[str]) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Deterministic assignment of videos to shards: per split, by sorted content hash, fixed-size groups."""
+    by_split: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    seen = set(known)
+    dups = []
+    for v in sorted(videos, key=lambda r: (r["content_hash"], r["url"])):
+        if v["content_hash"] in seen:
+            dups.append(v)
+            continue
+        seen.add(v["content_hash"])
+        v["video_id"] = sources.derive_video_id(sources.VideoRef(
+            url=v["url"], name=v["name"], source=v["source"], video_id=v.get("video_id") or None), v["content_hash"])
+        v["split"] = v.get("split") or sources.assign_split(v["content_hash"], val_fraction, seed)
+        by_split[v["split"]].append(v)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for split in sorted(by_split):
+        group = by_split[split]
+        for i in range(0, len(group), videos_per_shard):
+            url = storage.join(output, shardio.shard_name(split, version, i // videos_per_shard))
+            members = group[i: i + videos_per_shard]
+            for m in members:
+                m["shard"] = url
+            out[url] = members
+    return out, dups
+
+
+# ---------------------------------------------------------------- the job
+
+
+def _ray_init() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS in the environment makes this join a cluster; otherwise a local Ray starts.
+        ray.init(include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
+
+
+def run_prepare(cfg: RigFaceConfig, *, source: str | Iterable[str] | None = None, output: str | None = None,
+                overwrite: bool = False, append: bool = False,
+                backend_factory: Callable[[Any], Any] | None = None) -> PrepareSummary:
+    """Build (or resume, or extend) a dataset of training shards from portrait videos.
+
+    ``backend_factory(face_cfg)`` replaces the default face backend (rigface.face FaceAnalyzer +
+    build_conditions); it must return an object with ``analyze(rgb)`` and ``conditions(src_fit, tgt_fit)``.
+    """
+    import ray
+
+    t_start = time.monotonic()
+    p = cfg.prepare
+    srcs = [source] if isinstance(source, str) else list(source or ([p.source] if p.source else []))
+    output = output or p.output
+    if not srcs or not output:
+        raise PrepareError("prepare needs a source and an output (--source, --output or prepare.source/output)")
+    output = output.rstrip("/")
+    if overwrite and append:
+        raise PrepareError("--overwrite and --append exclude each other")
+    _ray_init()
+    _ensure_bucket(output)
+
+    card = shardio.read_card(output)
+    if overwrite and (card is not None or storage.list_urls(output)):
+        log.warning("prepare: --overwrite: deleting the existing dataset", extra={"output": output})
+        storage.delete_prefix(output if output.startswith("s3://") else output + "/")
+        card = None
+    known: set[str] = set()
+    if card is None:
+        version = 1
+    elif append:
+        version = int(card["latest"]) + 1
+        known = shardio.known_hashes(output, card)
+    else:
+        prev_sources = [s["source"] for s in card["versions"][-1]["sources"]]
+        if sorted(prev_sources) != sorted(srcs):
+            raise PrepareError(f"{output} already holds a dataset (sources {prev_sources}); use --append to add "
+                               f"{srcs} or --overwrite to start again")
+        version = int(card["latest"])
+        known = set().union(*[{r["content_hash"] for r in shardio.read_index(output, int(v["version"]))}
+                              for v in card["versions"][:-1]]) if len(card["versions"]) > 1 else set()
+
+    n_pairs = min(p.pairs_per_video, p.max_pairs_per_video)
+    spare = max(2, math.ceil(n_pairs / 2))
+    videos_per_shard = max(1, p.shard_size // n_pairs)
+    summary = PrepareSummary(output=output, version=version, sources=srcs)
+
+    # -- list + content hash (CPU tasks; one row per video, metadata only)
+    t0 = time.monotonic()
+    refs = [dict(r.to_dict(), video_id=r.video_id or "") for s in srcs for r in sources.list_videos(s)]
+    summary.videos_listed = len(refs)
+    hashed = ray.data.from_items(refs, override_num_blocks=min(len(refs), 64)).map(hash_row, num_cpus=0.5).take_all()
+    unreadable = [r for r in hashed if r["error"]]
+    plan, dups = plan_shards([r for r in hashed if not r["error"]], output=output, version=version,
+                             videos_per_shard=videos_per_shard, val_fraction=p.val_fraction, seed=p.seed, known=known)
+    summary.videos_duplicate = len(dups)
+    summary.videos_planned = sum(len(v) for v in plan.values())
+    summary.shards_planned = len(plan)
+    summary.stage_seconds["list_hash_plan"] = time.monotonic() - t0
+    pending = {url: vids for url, vids in plan.items() if not shardio.is_done(url)}
+    summary.shards_resumed = len(plan) - len(pending)
+    log.info("prepare: plan", extra={"shards": len(plan), "pending": len(pending), "videos": summary.videos_planned})
+
+    t0 = time.monotonic()
+    if pending:
+        _run_stages(cfg, pending, n_pairs, spare, backend_factory, summary)
+    summary.stage_seconds["stream"] = time.monotonic() - t0
+
+    # -- index + card (after every shard is committed)
+    t0 = time.monotonic()
+    _finish(cfg, output, version, srcs, plan, unreadable, dups, card, summary)
+    summary.stage_seconds["card"] = time.monotonic() - t0
+    summary.seconds = time.monotonic() - t_start
+    return summary
+
+
+def _ensure_bucket(output: str) -> None:
+    u = storage.parse_url(output)
+    if u.scheme == "s3":
+        storage.ensure_bucket(u.bucket)
+
+
+def _run_stages(cfg: RigFaceConfig, pending: dict[str, list[dict]], n_pairs: int, spare: int,
+                backend_factory, summary: PrepareSummary) -> None:
+    import ray
+
+    p = cfg.prepare
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # shards arrive whole, one after another: bounded driver memory
+    rows = [dict(v, shard=url) for url, vids in pending.items() for v in vids]
+    keep = ("shard", "video_id", "content_hash", "split", "url", "name")
+    rows = [{k: r[k] for k in keep} for r in rows]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.map(decode_row, fn_kwargs=dict(n_pairs=n_pairs, spare=spare, min_gap_seconds=p.min_gap_seconds,
+                                           seed=p.seed, max_side=p.max_frame_side), num_cpus=1)
+    ds = ds.map_batches(
+        AnalyzeFrames, fn_constructor_args=(cfg.face, backend_factory), batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=p.num_face_actors),
+        # Fractional CPUs: the pool must never take every CPU, or the decode tasks starve and the job hangs.
+        num_cpus=p.face_actor_cpus, num_gpus=p.face_actor_gpus or None,
+    )
+    ds = ds.map(build_samples_row, fn_kwargs=dict(n_pairs=n_pairs, min_gap_seconds=p.min_gap_seconds, seed=p.seed,
+                                                  jpeg_quality=p.jpeg_quality, backend_factory=backend_factory,
+                                                  face_cfg=cfg.face), num_cpus=1)
+
+    expected = {url: {v["video_id"] for v in vids} for url, vids in pending.items()}
+    buffers: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    futures: list[Future] = []
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="shard-writer") as pool:
+        for row in ds.iter_rows():
+            url, vid = row["shard"], row["video_id"]
+            # A retried task may deliver a video twice; the first copy wins, so every sample lands once.
+            buffers[url].setdefault(vid, {"report": json.loads(row["report"]), "keys": list(row["keys"]),
+                                          "samples": list(row["samples"])})
+            if set(buffers[url]) >= expected[url]:
+                futures.append(pool.submit(_write_one, url, buffers.pop(url)))
+            for f in [f for f in futures if f.done()]:
+                futures.remove(f)
+                f.result()  # surface write errors early
+        for f in futures:
+            f.result()
+    if buffers:
+        raise PrepareError(f"stream ended with {len(buffers)} incomplete shard(s): {sorted(buffers)[:3]}")
+
+
+def _write_one(url: str, videos: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    samples = []
+    reports = []
+    for vid in sorted(videos):
+        v = videos[vid]
+        reports.append(v["report"])
+        samples.extend(zip(v["keys"], v["samples"]))
+    stats = shard_stats(reports)
+    return shardio.write_shard(url, samples, stats)
+
+
+def shard_stats(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    video_skips = Counter(r["status"] for r in reports if r["status"])
+    frame_skips: Counter[str] = Counter()
+    for r in reports:
+        frame_skips.update(r.get("frame_skips", {}))
+    return {
+        "videos": len(reports),
+        "videos_ok": sum(1 for r in reports if not r["status"]),
+        "video_skips": dict(sorted(video_skips.items())),
+        "frames_analyzed": sum(r.get("frames_analyzed", 0) for r in reports),
+        "frame_skips": dict(sorted(frame_skips.items())),
+        "pairs": sum(r["pairs"] for r in reports),
+        "pairs_replaced": sum(r.get("replaced", 0) for r in reports),
+        "split": reports[0]["split"] if reports else "",
+        # Per-video outcome: what --append de-duplicates on and what the index records.
+        "video_reports": [{k: r.get(k) for k in ("video_id", "content_hash", "name", "url", "status", "pairs",
+                                                 "frame_skips", "n_frames", "fps")} for r in reports],
+    }
+
+
+def _finish(cfg: RigFaceConfig, output: str, version: int, srcs: list[str], plan: dict[str, list[dict]],
+            unreadable: list[dict], dups: list[dict], card: dict | None, summary: PrepareSummary) -> None:
+    stats = {url: shardio.read_stats(url) for url in plan}
+    index_rows = []
+    video_skips: Counter[str] = Counter()
+    frame_skips: Counter[str] = Counter()
+    per_source: dict[str, Counter] = defaultdict(Counter)
+    src_of = {v["content_hash"]: v["source"] for vids in plan.values() for v in vids}
+    for url, st in stats.items():
+        split = st.get("split", "")
+        summary.per_split[split] = summary.per_split.get(split, 0) + st["samples"]
+        if st["shard"] != url.rsplit("/", 1)[-1]:
+            raise PrepareError(f"stats file of {url} names another shard")
+        for r in st["video_reports"]:
+            index_rows.append({**r, "split": split, "shard": url.rsplit("/", 1)[-1]})
+            src = src_of.get(r["content_hash"], "")
+            per_source[src]["videos"] += 1
+            per_source[src]["pairs"] += r["pairs"]
+            per_source[src]["videos_ok"] += int(not r["status"])
+        video_skips.update(st["video_skips"])
+        frame_skips.update(st["frame_skips"])
+        summary.pairs += st["pairs"]
+        summary.videos_ok += st["videos_ok"]
+        summary.frames_analyzed += st["frames_analyzed"]
+    for r in unreadable:
+        video_skips["unreadable"] += 1
+        per_source[r["source"]]["videos_unreadable"] += 1
+        index_rows.append({"video_id": "", "content_hash": "", "name": r["name"], "url": r["url"],
+                           "status": "unreadable", "pairs": 0, "error": r["error"]})
+    for r in dups:
+        per_source[r["source"]]["videos_duplicate"] += 1
+    summary.video_skips = dict(sorted(video_skips.items()))
+    summary.frame_skips = dict(sorted(frame_skips.items()))
+    summary.shards_written = len(plan) - summary.shards_resumed
+
+    storage.write_text(shardio.index_url(output, version),
+                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in index_rows if r["content_hash"]))
+    prev_versions = [v for v in (card or {}).get("versions", []) if int(v["version"]) < version]
+    shard_entries = [{"path": url[len(output) + 1:], "sha256": st["sha256"], "samples": st["samples"],
+                      "split": st.get("split", "")} for url, st in sorted(stats.items())]
+    all_shards = [s for v in prev_versions for s in v["shards"]] + shard_entries
+    summary.content_hash = shardio.dataset_content_hash(all_shards)
+    entry = {
+        "version": version,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": __version__,
+        "config": cfg.prepare.model_dump(mode="json") | {"face": cfg.face.model_dump(mode="json")},
+        "sources": [{"source": s, **dict(per_source.get(s, {}))} for s in srcs],
+        "totals": {"videos": sum(st["videos"] for st in stats.values()), "videos_ok": summary.videos_ok,
+                   "pairs": summary.pairs, "shards": len(stats), "per_split": summary.per_split,
+                   "video_skips": summary.video_skips, "frame_skips": summary.frame_skips,
+                   "videos_duplicate": len(dups)},
+        "shards": shard_entries,
+        "index": shardio.index_url(output, version)[len(output) + 1:],
+        "content_hash": summary.content_hash,  # over every shard of versions 1..this one
+    }
+    totals = Counter()
+    for v in prev_versions + [entry]:
+        totals.update({k: v["totals"][k] for k in ("videos", "videos_ok", "pairs", "shards")})
+    new_card = {
+        "name": output.rsplit("/", 1)[-1],
+        "schema_version": shardio.SCHEMA_VERSION,
+        "latest": version,
+        "content_hash": summary.content_hash,
+        "totals": dict(totals),
+        "versions": prev_versions + [entry],
+    }
+    shardio.write_card(output, new_card)

@@ -1,0 +1,227 @@
+"""Training data for `rigface train`: each Ray Train worker streams its own part of the WebDataset shards.
+
+Why webdataset + a torch DataLoader rather than Ray Data: the shard is already the unit of work, so a worker
+only needs its list of shard URLs; the DataLoader's background processes stream tars from S3, decode and
+batch them, with no extra Ray Data executor competing for CPUs beside the trainer (see bench/train.py).
+
+Per epoch the sorted shard list is shuffled with ``seed + epoch`` (the same order on every rank), then
+split: by shard (``urls[rank::world]``) when there are at least as many shards as ranks, else by sample
+(every rank reads every shard and keeps the samples ``i % world == rank``). Either way the ranks see
+disjoint data. Inside a rank the DataLoader workers split the rank's shards again (webdataset
+``split_by_worker``) and shuffle samples in a seeded buffer. A shard that cannot be read, or a sample that
+does not decode, is skipped with a logged warning.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from rigface.data import storage
+from rigface.data.schema import SchemaError, decode_sample
+from rigface.data.shards import register_webdataset_s3, stats_url
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("source", "target", "render", "background")
+
+
+class TrainDataError(RuntimeError):
+    """No usable training data (no shards, or an epoch that yielded not a single batch)."""
+
+
+# webdataset has no s3:// handler: the data module registers one that streams through rigface.data.storage.
+register_webdataset_s3()
+
+
+def warn_and_skip(exc: BaseException) -> bool:
+    """webdataset handler: log what was skipped (an unreadable shard or a bad sample) and go on."""
+    log.warning("train data: skipping unreadable shard data or sample: %s", exc)
+    return True
+
+
+# ---------------------------------------------------------------- shard lists
+
+
+def list_shards(data_url: str) -> list[str]:
+    """The committed shards under ``data_url`` (sorted). A shard counts once its stats marker exists,
+    unless the set has no markers at all (shards written by hand), in which case every ``.tar`` counts."""
+    urls = storage.list_urls(data_url)
+    tars = [u for u in urls if u.endswith(".tar")]
+    markers = {u for u in urls if u.endswith(".stats.json")}
+    if markers:
+        done = [t for t in tars if stats_url(t) in markers]
+        if len(done) < len(tars):
+            log.warning("train data: %d shard(s) without a stats marker ignored (unfinished)", len(tars) - len(done))
+        tars = done
+    if not tars:
+        raise TrainDataError(f"no shards (*.tar) under {data_url}")
+    return sorted(tars)
+
+
+def split_name_of(url: str) -> str | None:
+    """'train' / 'val' when the shard's path names its split (a folder or a name prefix), else None."""
+    parts = url.replace("\\", "/").split("/")
+    for part in reversed(parts):
+        for split in ("train", "val"):
+            if part == split or part.startswith((f"{split}-", f"{split}_", f"{split}.")):
+                return split
+    return None
+
+
+def shards_for_split(urls: list[str], split: str) -> list[str]:
+    """Shards whose path names ``split``; all of them when paths name no split (then meta.json decides)."""
+    named = [u for u in urls if split_name_of(u) is not None]
+    if not named:
+        return list(urls)
+    return [u for u in urls if split_name_of(u) == split]
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one rank reads in one epoch."""
+
+    urls: list[str]
+    sample_stride: int  # 1: whole shards; world: keep every world-th sample
+    sample_offset: int
+
+
+def plan_epoch(urls: list[str], *, rank: int, world: int, epoch: int, seed: int) -> RankPlan:
+    order = sorted(urls)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    if len(order) >= world:
+        return RankPlan(order[rank::world], 1, 0)
+    return RankPlan(order, world, rank)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _to_chw(image: np.ndarray, size: int) -> np.ndarray:
+    if image.shape[0] != size or image.shape[1] != size:
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    return (image.astype(np.float32).transpose(2, 0, 1) / 127.5) - 1.0
+
+
+def decode_for_training(raw: Mapping[str, Any], resolution: int) -> dict[str, Any]:
+    """A raw webdataset sample -> float CHW arrays in [-1, 1] at ``resolution`` + the expression vector."""
+    sample = decode_sample(raw)
+    out: dict[str, Any] = {k: _to_chw(getattr(sample, k), resolution) for k in IMAGE_KEYS}
+    out["expression"] = np.asarray(sample.expression, dtype=np.float32).reshape(-1)
+    out["__key__"] = sample.key
+    return out
+
+
+def _raw_split(raw: Mapping[str, Any]) -> str | None:
+    meta = raw.get("meta.json", raw.get(".meta.json"))
+    try:
+        return json.loads(meta).get("split") if meta is not None else None
+    except (ValueError, AttributeError):
+        return None
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    dims = {s["expression"].shape for s in samples}
+    if len(dims) != 1:
+        raise SchemaError(f"expression vectors of different sizes in one batch: {sorted(dims)}")
+    batch: dict[str, Any] = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in IMAGE_KEYS}
+    batch["expression"] = torch.from_numpy(np.stack([s["expression"] for s in samples]))
+    batch["__key__"] = [s["__key__"] for s in samples]
+    return batch
+
+
+def _every_nth(data: Iterator[Any], stride: int, offset: int) -> Iterator[Any]:
+    for i, item in enumerate(data):
+        if i % stride == offset:
+            yield item
+
+
+def _only_split(data: Iterator[Mapping[str, Any]], split: str | None) -> Iterator[Mapping[str, Any]]:
+    for raw in data:
+        got = _raw_split(raw)
+        if split is None or got is None or got == split:
+            yield raw
+
+
+def build_pipeline(plan: RankPlan, *, batch_size: int, resolution: int, split: str | None = "train",
+                   shuffle_buffer: int = 256, seed: int = 0) -> wds.DataPipeline:
+    """The webdataset pipeline of one rank for one epoch: shards -> samples -> decoded -> batches."""
+    register_webdataset_s3()
+    stages: list[Any] = [
+        wds.SimpleShardList(plan.urls),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=warn_and_skip),
+    ]
+    if plan.sample_stride > 1:
+        stages.append(wds.pipelinefilter(_every_nth)(plan.sample_stride, plan.sample_offset))
+    stages.append(wds.pipelinefilter(_only_split)(split))
+    if shuffle_buffer > 1:
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 16), seed=seed))
+    stages += [
+        wds.map(lambda raw: decode_for_training(raw, resolution), handler=warn_and_skip),
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+    ]
+    return wds.DataPipeline(*stages)
+
+
+def epoch_loader(urls: list[str], *, rank: int, world: int, epoch: int, seed: int, batch_size: int,
+                 resolution: int, loader_workers: int, shuffle_buffer: int,
+                 split: str | None = "train") -> torch.utils.data.DataLoader:
+    """A DataLoader over this rank's part of one epoch; decoding and batching run in background workers."""
+    plan = plan_epoch(urls, rank=rank, world=world, epoch=epoch, seed=seed)
+    pipeline = build_pipeline(plan, batch_size=batch_size, resolution=resolution, split=split,
+                              shuffle_buffer=shuffle_buffer, seed=seed * 7919 + epoch * 104_729 + rank)
+    kwargs: dict[str, Any] = {}
+    if loader_workers > 0:
+        kwargs.update(prefetch_factor=2, persistent_workers=False)
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=loader_workers,
+                                       pin_memory=torch.cuda.is_available(), **kwargs)
+
+
+def infinite_batches(urls: list[str], *, start_epoch: int = 0, **kw: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(epoch, batch) forever, epoch after epoch; an epoch with no batch at all is an error, not a spin."""
+    epoch = start_epoch
+    while True:
+        n = 0
+        for batch in epoch_loader(urls, epoch=epoch, **kw):
+            n += 1
+            yield epoch, batch
+        if n == 0:
+            raise TrainDataError(f"epoch {epoch} of rank {kw.get('rank')} yielded no full batch "
+                                 f"from {len(urls)} shard(s): too few samples or all unreadable")
+        epoch += 1
+
+
+def fixed_batch(urls: list[str], *, n: int, resolution: int, split: str | None) -> dict[str, Any] | None:
+    """The first ``n`` decodable samples (in sorted shard order) as one batch: the fixed validation batch."""
+    samples: list[dict[str, Any]] = []
+    for raw in wds.DataPipeline(wds.SimpleShardList(sorted(urls)), wds.tarfile_to_samples(handler=warn_and_skip),
+                                wds.pipelinefilter(_only_split)(split)):
+        try:
+            samples.append(decode_for_training(raw, resolution))
+        except SchemaError as exc:
+            warn_and_skip(exc)
+        if len(samples) == n:
+            break
+    return collate(samples) if samples else None
+
+
+def image_from_chw(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(3,H,W) in [-1, 1] -> HxWx3 uint8."""
+    a = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    return np.clip((a.transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,179 @@
+"""The FaceAnalyzer facade: RGB frame -> FaceFit | FaceSkip."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from rigface.face import assets, geometry
+from rigface.face.config import FaceConfig
+from rigface.face.detect import BackendUnavailable, Detection, crop_box_for, extract_crop, make_detector
+from rigface.face.types import MESH_VERTICES, FaceFit, FaceSkip, Pose, SkipReason
+
+log = logging.getLogger(__name__)
+
+
+def normalize_frame(frame) -> np.ndarray | FaceSkip:
+    """uint8 RGB HxWx3 from RGB, RGBA, grayscale HxW / HxWx1, or float images in [0, 1]; else a bad_image skip."""
+    try:
+        img = np.asarray(frame)
+    except Exception as exc:  # objects numpy cannot make an array of
+        return FaceSkip(SkipReason.bad_image, f"not an array: {type(frame).__name__} ({exc})")
+    if img.dtype == object or img.size == 0:
+        return FaceSkip(SkipReason.bad_image, f"empty or non-numeric image (dtype {img.dtype}, shape {img.shape})")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    if img.ndim == 2:
+        img = np.stack([img] * 3, -1)
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        return FaceSkip(SkipReason.bad_image, f"expected HxW, HxWx1, HxWx3 or HxWx4, got shape {img.shape}")
+    img = img[..., :3]
+    if img.dtype == np.bool_:
+        return FaceSkip(SkipReason.bad_image, "boolean image")
+    if np.issubdtype(img.dtype, np.floating):
+        if not np.isfinite(img).all():
+            return FaceSkip(SkipReason.bad_image, "image holds NaN or inf")
+        img = np.clip(img * 255.0 if img.max() <= 1.0 else img, 0, 255).round().astype(np.uint8)
+    elif img.dtype != np.uint8:
+        if img.dtype == np.uint16:
+            img = (img >> 8).astype(np.uint8)
+        else:
+            img = np.clip(img, 0, 255).astype(np.uint8)
+    if min(img.shape[:2]) < 16:
+        return FaceSkip(SkipReason.bad_image, f"image too small: {img.shape[1]}x{img.shape[0]}")
+    return np.ascontiguousarray(img)
+
+
+class FaceAnalyzer:
+    """Detect, crop, fit and mask one face per frame, with the backends chosen in `FaceConfig`.
+
+    Build once per process or Ray actor and reuse: construction loads the models (~0.3 s); `analyze` then
+    costs tens of milliseconds per frame. Thread safety: each model call is serialised by a lock inside its
+    wrapper (MediaPipe graphs and cv2 nets are not re-entrant), so sharing one analyzer between threads is
+    safe but not parallel; for parallelism use one analyzer per thread/process. Not picklable: build it
+    inside the actor, not in the driver.
+    """
+
+    def __init__(self, cfg: FaceConfig | None = None):
+        from rigface.face.landmarker import Landmarker
+        from rigface.face.mask import LandmarkGrabCutMask
+
+        self.cfg = cfg = cfg or FaceConfig()
+        if cfg.fit != "landmarker" or cfg.expression != "blendshapes":
+            raise BackendUnavailable(
+                f"fit {cfg.fit!r} / expression {cfg.expression!r} need user-supplied DECA / Deep3DFaceRecon weights; "
+                "this build wires 'landmarker' + 'blendshapes'"
+            )
+        if cfg.mask != "landmarks":
+            raise BackendUnavailable(f"mask backend {cfg.mask!r} needs user-supplied BiSeNet weights; use 'landmarks'")
+        self.detector = make_detector(cfg.detector)
+        self.landmarker = Landmarker(min_confidence=0.3)
+        self.masker = LandmarkGrabCutMask(work_size=cfg.mask_work_size)
+        self.mesh = assets.canonical_mesh()
+        self.backends = {
+            "detector": f"{self.detector.name}:{self.detector.version}",
+            "fit": f"{self.landmarker.name}:{self.landmarker.version}",
+            "expression": "blendshapes52",
+            "lighting": "sh9-least-squares",
+            "mask": f"{self.masker.name}:{self.masker.version}",
+            "renderer": "rigface-numpy-raster",
+        }
+
+    # -- stages, public so the benchmark can time them -------------------------------------------
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        """Detections in frame pixels; large frames are detected on a downscaled copy."""
+        import cv2
+
+        h, w = rgb.shape[:2]
+        k = min(1.0, self.cfg.detect_max_side / max(h, w))
+        small = rgb if k >= 1.0 else cv2.resize(rgb, (round(w * k), round(h * k)), interpolation=cv2.INTER_AREA)
+        dets = self.detector.detect(small)
+        if k >= 1.0:
+            return dets
+        out = []
+        for d in dets:
+            kp = None if d.keypoints is None else d.keypoints / k
+            out.append(Detection(tuple(v / k for v in d.box), d.score, kp))
+        return out
+
+    def choose(self, dets: list[Detection]) -> Detection | FaceSkip:
+        if not dets:
+            return FaceSkip(SkipReason.no_face, "the detector found no face")
+        confident = [d for d in dets if d.score >= self.cfg.min_confidence]
+        if not confident:
+            best = max(d.score for d in dets)
+            return FaceSkip(SkipReason.low_confidence, f"best detection score {best:.3f} < {self.cfg.min_confidence}")
+        if len(confident) > 1 and self.cfg.multi_face == "skip":
+            return FaceSkip(SkipReason.several_faces, f"{len(confident)} faces (multi_face=skip)")
+        det = max(confident, key=lambda d: d.area)
+        if det.size < self.cfg.min_face_size:
+            return FaceSkip(SkipReason.too_small, f"face {det.size:.0f}px < min_face_size {self.cfg.min_face_size}px")
+        return det
+
+    def analyze(self, frame, crop_box: tuple[int, int, int, int] | None = None) -> FaceFit | FaceSkip:
+        """One frame -> FaceFit, or FaceSkip with the reason. Never raises for bad input.
+
+        crop_box: optional fixed box (source pixels), e.g. one box for a whole video; detection still
+        runs to check that a face is there, but the crop is taken from this box.
+        """
+        rgb = normalize_frame(frame)
+        if isinstance(rgb, FaceSkip):
+            return rgb
+        try:
+            chosen = self.choose(self.detect(rgb))
+            if isinstance(chosen, FaceSkip):
+                return chosen
+            box = tuple(int(v) for v in crop_box) if crop_box is not None else crop_box_for(
+                chosen, self.cfg.crop_scale, self.cfg.crop_step
+            )
+            if box[2] - box[0] < 8 or box[3] - box[1] < 8:
+                return FaceSkip(SkipReason.bad_image, f"crop box {box} is degenerate")
+            crop = extract_crop(rgb, box, self.cfg.crop_size)
+            return self.fit_crop(crop, box, rgb.shape[:2], {"detection": chosen.score})
+        except Exception as exc:  # a model failing on one odd frame must not kill a dataset job
+            log.warning("face fit failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            return FaceSkip(SkipReason.fit_failed, f"{type(exc).__name__}: {exc}")
+
+    def fit_crop(
+        self, crop: np.ndarray, box: tuple[int, int, int, int], frame_size: tuple[int, int], scores: dict
+    ) -> FaceFit | FaceSkip:
+        lm = self.landmarker(crop)
+        if lm is None:
+            return FaceSkip(SkipReason.fit_failed, "the landmarker found no face in the crop")
+        mesh = lm.landmarks[:MESH_VERTICES].copy()
+        scale, rot, t, shape = geometry.fit_pose(mesh, self.mesh.vertices)
+        yaw, pitch, roll = geometry.euler_from_rotation(rot)
+        tx, ty, tz = geometry.view_to_image(np.asarray(t, dtype=np.float32))
+        pose = Pose(yaw=yaw, pitch=pitch, roll=roll, translation=(float(tx), float(ty), float(tz)), scale=scale)
+        normals = geometry.vertex_normals(geometry.image_to_view(mesh), self.mesh.triangles)
+        lighting, albedo, rmse = geometry.fit_lighting(crop, mesh, normals)
+        mask = self.masker(crop, lm.landmarks)
+        fit_resid = float(
+            np.sqrt(np.mean((geometry.pose_mesh(self.mesh.vertices, scale, rot, t) - mesh) ** 2)) / max(scale, 1e-6)
+        )
+        scores = dict(scores, lighting_rmse=rmse, shape_residual_cm=fit_resid)
+        return FaceFit(
+            crop_box=box,
+            crop=crop,
+            landmarks=lm.landmarks,
+            pose=pose,
+            transform=geometry.similarity_matrix(scale, rot, t),
+            expression=lm.blendshapes,
+            lighting=lighting,
+            albedo=albedo,
+            mesh=mesh,
+            mask=mask,
+            scores=scores,
+            backends=dict(self.backends),
+            shape=shape,
+            frame_size=(int(frame_size[0]), int(frame_size[1])),
+            mediapipe_transform=lm.transform,
+        )
+
+    def close(self) -> None:
+        """Release the MediaPipe graphs now (they are also closed at interpreter exit)."""
+        self.landmarker.close()
+        close = getattr(self.detector, "close", None)
+        if close is not None:
+            close()

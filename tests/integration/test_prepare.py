@@ -1,0 +1,187 @@
+"""`rigface prepare` end to end on a real local Ray with the real face analysis (embedded backends)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not a package: reach tests/media.py
+import media  # noqa: E402
+
+from rigface.config import load_config  # noqa: E402
+from rigface.data import schema, shards  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+SIZE = 384  # the astronaut's face is ~90 px here: above face.min_face_size
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
+    yield ray
+    ray.shutdown()
+
+
+def cfg(**prepare):
+    base = {"pairs_per_video": 2, "min_gap_seconds": 1.0, "shard_size": 4, "val_fraction": 0.0,
+            "num_face_actors": 1, "face_actor_cpus": 0.5, "jpeg_quality": 90}
+    base.update(prepare)
+    return load_config(overrides=[f"prepare.{k}={v}" for k, v in base.items()] + ["face.multi_face=skip"])
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """Good clips plus every bad input of issue 5, in one source folder (one path with spaces and unicode)."""
+    d = tmp_path_factory.mktemp("videos")
+    good = [media.face_video(d / "clip a.mp4", n_frames=25, fps=10, size=SIZE, scale=1.0),
+            media.face_video(d / "vidéo été" / "b.mp4", n_frames=26, fps=10, size=SIZE, scale=1.0),
+            media.face_video(d / "gray.mkv", n_frames=22, fps=10, size=SIZE, scale=1.0, gray=True, codec="ffv1")]
+    media.bad_inputs(d / "bad", good[0])
+    media.face_video(d / "bad" / "noface.mp4", n_frames=22, fps=10, size=SIZE, faces=0)
+    media.face_video(d / "bad" / "twofaces.mp4", n_frames=22, fps=10, size=SIZE, faces=2)
+    media.face_video(d / "bad" / "tiny.mp4", n_frames=22, fps=10, size=SIZE, scale=0.12)
+    media.face_video(d / "bad" / "short.mp4", n_frames=6, fps=10, size=SIZE, scale=1.0)
+    big = np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(media.scene(SIZE, scale=1.0)).resize(
+        (2400, 2400)))
+    media.write_video(d / "huge.mp4", [big] * 12, fps=10)
+    return d
+
+
+def run(source, output, **kw):
+    from pipelines.prepare import run_prepare
+
+    return run_prepare(cfg(**kw.pop("prepare", {})), source=str(source), output=str(output), **kw)
+
+
+def test_prepare_bad_inputs_resume_and_append(ray_local, videos, tmp_path):
+    out = tmp_path / "ds"
+    s = run(videos, out, prepare={"max_frame_side": 1024})
+    # Every video is accounted for: good ones give pairs, every bad one is a recorded skip with its reason.
+    assert s.videos_listed == 13
+    assert s.pairs >= 6 and s.videos_ok >= 3
+    skips = s.video_skips
+    for reason in ("empty", "unreadable", "no_video_stream", "too_short", "no_pairs"):
+        assert skips.get(reason, 0) >= 1, (reason, skips)
+    assert {"several_faces", "no_face"} <= set(s.frame_skips) or "low_confidence" in s.frame_skips
+    index = [json.loads(x) for x in (out / "index" / "v001.jsonl").read_text().splitlines()]
+    by_name = {r["name"]: r for r in index}
+    assert by_name["bad/zero.mp4"]["status"] == "empty"
+    assert by_name["bad/audio.mp4"]["status"] == "no_video_stream"
+    assert by_name["bad/short.mp4"]["status"] == "too_short"
+    assert by_name["bad/twofaces.mp4"]["frame_skips"].get("several_faces", 0) > 0
+    assert by_name["bad/tiny.mp4"]["status"] == "no_pairs" and by_name["bad/noface.mp4"]["status"] == "no_pairs"
+    assert by_name["huge.mp4"]["pairs"] > 0 and by_name["gray.mkv"]["pairs"] > 0
+    assert by_name["vidéo été/b.mp4"]["pairs"] > 0
+
+    # The shards pass the validator and read back with plain webdataset and with Ray Data.
+    report = shards.validate_shards(str(out))
+    assert report.ok, report.faults
+    assert report.samples == s.pairs
+    samples = list(shards.iter_samples(str(out)))
+    assert len(samples) == s.pairs and len({x.key for x in samples}) == s.pairs
+    x = samples[0]
+    assert x.source.shape == (512, 512, 3) and x.render.shape == (512, 512, 3)
+    assert x.render.max() > 0 and x.mask_target.max() == 255 and x.expression.dtype == np.float32
+    assert abs(x.meta["frames"][0] - x.meta["frames"][1]) >= 10  # min_gap 1 s at 10 fps
+    import ray
+
+    tars = shards.list_shards(str(out))
+    rds = ray.data.read_webdataset(tars, decoder=False).take_all()
+    assert len(rds) == s.pairs
+
+    card = json.loads((out / "dataset.json").read_text())
+    assert card["latest"] == 1 and card["totals"]["pairs"] == s.pairs
+    assert card["versions"][0]["content_hash"] == s.content_hash
+
+    # Interrupted run: lose the last shard's commit marker and another shard entirely, then rerun.
+    before = {p.name: p.read_bytes() for p in out.rglob("*.tar")}
+    stats_files = sorted(out.rglob("*.stats.json"))
+    assert len(stats_files) >= 2
+    stats_files[-1].unlink()
+    stats_files[0].unlink()
+    Path(str(stats_files[0]).replace(".stats.json", ".tar")).unlink()
+    (out / "dataset.json").unlink()
+    again = run(videos, out, prepare={"max_frame_side": 1024})
+    assert again.shards_resumed == s.shards_planned - 2 and again.shards_written == 2
+    after = {p.name: p.read_bytes() for p in out.rglob("*.tar")}
+    assert after == before  # same shards, byte for byte: same samples, none twice
+    assert again.content_hash == s.content_hash
+
+    # A rerun of a finished dataset does nothing; a different source without --append is refused.
+    assert run(videos, out, prepare={"max_frame_side": 1024}).shards_written == 0
+    new_src = tmp_path / "new"
+    media.face_video(new_src / "c.mp4", n_frames=27, fps=10, size=SIZE, scale=1.0)
+    shutil.copy(videos / "clip a.mp4", new_src / "copy of a.mp4")  # already in the dataset
+    from pipelines.prepare import PrepareError
+
+    with pytest.raises(PrepareError, match="--append"):
+        run(new_src, out)
+    # --append: new shards for the new video only, old shards untouched, a new card version.
+    app = run(new_src, out, append=True)
+    assert app.version == 2 and app.videos_duplicate == 1 and app.videos_planned == 1 and app.pairs >= 1
+    assert {p.name: p.read_bytes() for p in out.rglob("shard-v001-*.tar")} == before
+    card = json.loads((out / "dataset.json").read_text())
+    assert card["latest"] == 2 and [v["version"] for v in card["versions"]] == [1, 2]
+    assert card["versions"][1]["sources"][0]["source"] == str(new_src)
+    assert card["versions"][1]["sources"][0]["videos_duplicate"] == 1
+    assert card["totals"]["pairs"] == s.pairs + app.pairs
+    assert shards.validate_shards(str(out)).samples == s.pairs + app.pairs
+
+
+class KillOnce:
+    """Face backend that kills its actor process the first time (a marker file remembers), then works."""
+
+    marker: str = ""
+
+    def __init__(self, face_cfg):
+        from pipelines.prepare import FaceBackend
+
+        self.inner = FaceBackend(face_cfg)
+        self.calls = 0
+
+    def analyze(self, rgb):
+        self.calls += 1
+        if self.calls == 3 and not os.path.exists(self.marker):
+            Path(self.marker).write_text("killed")
+            os._exit(1)  # the actor dies mid-video
+        return self.inner.analyze(rgb)
+
+    conditions = staticmethod(lambda a, b: __import__("pipelines.prepare", fromlist=["x"]).FaceBackend.conditions(a, b))
+
+
+def test_actor_killed_mid_run_every_sample_once(ray_local, tmp_path):
+    src = tmp_path / "src"
+    for i in range(3):
+        media.face_video(src / f"v{i}.mp4", n_frames=22 + i, fps=10, size=SIZE, scale=1.0)
+    marker = tmp_path / "killed"
+    KillOnce.marker = str(marker)  # travels with the class, pickled by value
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    killed = run(src, tmp_path / "k", backend_factory=KillOnce)
+    assert marker.exists()
+    clean = run(src, tmp_path / "c")
+    assert killed.pairs == clean.pairs == 6
+    keys_k = sorted(x.key for x in shards.iter_samples(str(tmp_path / "k")))
+    keys_c = sorted(x.key for x in shards.iter_samples(str(tmp_path / "c")))
+    assert keys_k == keys_c and len(set(keys_k)) == len(keys_k)
+    assert killed.content_hash == clean.content_hash
+
+
+def test_schema_key_safety_in_output(ray_local, videos, tmp_path):
+    # Video ids derived from unicode paths with spaces are tar-safe and unique.
+    out = tmp_path / "ds"
+    s = run(videos / "vidéo été", out)
+    assert s.pairs == 2
+    for x in shards.iter_samples(str(out)):
+        vid, a, b = schema.parse_key(x.key)
+        assert vid.startswith("video-ete-b-") and x.meta["source_name"] == "b.mp4"

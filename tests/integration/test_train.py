@@ -1,0 +1,123 @@
+"""`rigface train` end to end: tiny model, 2 CPU Ray Train workers, real local S3 + MLflow (the `stack` fixture).
+
+Shards are written with the data module's write_shard from synthetic pairs (64 px): running `rigface prepare`
+on test videos here would cost minutes of face analysis that the prepare tests already spend.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from test_train_data import write_synthetic_shards  # noqa: E402
+
+EXPRESSION_DIM = 8
+
+
+@pytest.fixture(scope="module")
+def ray_local(stack):
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shard_set(stack, tmp_path_factory):
+    """4 train shards of 4 pairs + 1 val shard, and one committed train shard whose bytes are garbage."""
+    from rigface.data import storage
+
+    root = f"s3://{stack.bucket}/tests/train-shards-{os.getpid()}"
+    write_synthetic_shards(root, n_shards=4, per_shard=4, size=64, dim=EXPRESSION_DIM)
+    write_synthetic_shards(root, n_shards=1, per_shard=4, size=64, dim=EXPRESSION_DIM, split="val")
+    bad = storage.join(root, "train/shard-v001-000009.tar")
+    storage.write_bytes(bad, np.random.default_rng(0).integers(0, 255, 20000, dtype=np.uint8).tobytes())
+    storage.write_text(bad[:-4] + ".stats.json", '{"samples": 4}')
+    return root
+
+
+def tiny_cfg(stack, **train):
+    from rigface.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    sets = [f"model.expression_dim={EXPRESSION_DIM}", f"train.storage_path=s3://{stack.bucket}/tests/runs",
+            "train.experiment=test-train", "train.lr=1e-3", "train.log_every=2", "train.image_every=4",
+            "train.checkpoint_every=2", "train.batch_size=2", "evaluate.num_inference_steps=2"]
+    sets += [f"train.{k}={v}" for k, v in train.items()]
+    return load_config([repo / "configs/train/tiny.yaml"], sets)
+
+
+def metric_steps(client, run_id, key):
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_train_logs_everything_then_a_rerun_resumes(stack, ray_local, shard_set):
+    import mlflow
+
+    from pipelines.train import run_train
+    from rigface.data import storage
+
+    cfg = tiny_cfg(stack)
+    first = run_train(cfg, data=shard_set, run_name="resume-me", max_steps=8, num_workers=2)
+    assert first.steps == 8 and not first.resumed
+    client = mlflow.MlflowClient()
+    run = client.get_run(first.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.001" and run.data.params["data.url"] == shard_set
+    assert "rigface.version" in run.data.tags
+    losses = metric_steps(client, first.mlflow_run_id, "loss")
+    assert [s for s, _ in losses] == list(range(1, 9))
+    for key in ("lr", "samples_per_s", "step_time_s", "data_wait_s"):
+        assert len(client.get_metric_history(first.mlflow_run_id, key)) == 8
+    artifacts = {a.path for a in client.list_artifacts(first.mlflow_run_id, "val")}
+    assert "val/step_00000004.png" in artifacts and "val/step_00000008.png" in artifacts
+    assert client.list_artifacts(first.mlflow_run_id, "model")
+    ckpt = run.data.tags["rigface.checkpoint.latest"]
+    assert ckpt.endswith("checkpoint_00000008") and ckpt == first.checkpoint_uri
+    assert storage.exists(storage.join(ckpt, "training_state.pt"))
+    assert any(u.endswith(".safetensors") for u in storage.list_urls(storage.join(ckpt, "model")))
+
+    second = run_train(cfg, data=shard_set, run_name="resume-me", max_steps=12, num_workers=2)
+    assert second.resumed and second.mlflow_run_id == first.mlflow_run_id and second.steps == 12
+    losses = metric_steps(client, first.mlflow_run_id, "loss")
+    assert [s for s, _ in losses] == list(range(1, 13))  # steps 9..12 continue the curve, none repeated
+    values = [v for _, v in losses]
+    assert np.mean(values[-4:]) < np.mean(values[:4])  # the loss falls
+    # keep_checkpoints=2 in the tiny config: the oldest checkpoints are gone from S3
+    kept = {u.split("/checkpoint_")[1].split("/")[0] for u in storage.list_urls(second.storage_uri) if "/checkpoint_0" in u}
+    assert kept == {"00000010", "00000012"}
+
+
+def test_a_killed_worker_is_survived(stack, ray_local, shard_set, tmp_path, monkeypatch):
+    import mlflow
+
+    from pipelines.train import run_train
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("RIGFACE_TRAIN_FAULT", f"rank=1,step=3,marker={marker}")
+    result = run_train(tiny_cfg(stack, image_every=100), data=shard_set, run_name="killed-worker", max_steps=6,
+                       num_workers=2)
+    assert marker.exists(), "the fault was not injected"
+    assert result.steps == 6
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("test-train")
+    runs = client.search_runs([exp.experiment_id], "tags.`rigface.run_name` = 'killed-worker'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # the restart resumed from the step-2 checkpoint: steps 3.. were trained again, step 1-2 were not
+    assert max(s for s, _ in metric_steps(client, result.mlflow_run_id, "loss")) == 6
+
+
+def test_bad_data_url_is_a_typed_error(stack):
+    from pipelines.train import TrainError, run_train
+
+    with pytest.raises(TrainError, match="no shards"):
+        run_train(tiny_cfg(stack), data=f"s3://{stack.bucket}/tests/nothing-here", run_name="x")

@@ -1,0 +1,139 @@
+"""The training data stream of `rigface train`: disjoint per-rank shards, seeded shuffles, corrupt-shard skips."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from pipelines import train_data as td
+from rigface.data import shards, storage
+from rigface.data.schema import PairSample, encode_sample, safe_video_id, sample_key
+
+
+def synthetic_pair(video: str, a: int, b: int, size: int = 32, dim: int = 8, split: str = "train") -> PairSample:
+    rng = np.random.default_rng(a * 1000 + b)
+    img = lambda: rng.integers(0, 255, (size, size, 3), dtype=np.uint8)  # noqa: E731
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
+    meta = {"video_id": video, "frames": [a, b], "times": [a / 10, b / 10], "split": split,
+            "boxes": {"source": [0, 0, size, size], "target": [0, 0, size, size]},
+            "pose": {"source": [0, 0, 0], "target": [1, 2, 3]}, "lighting": {"source": [0.1] * 9, "target": [0.2] * 9},
+            "backends": {"test": "1"}, "scores": {"det": 1.0}}
+    return PairSample(key=sample_key(video, a, b), source=img(), target=img(), render=img(), background=img(),
+                      expression=rng.standard_normal(dim).astype(np.float32), mask_source=mask, mask_target=mask,
+                      meta=meta)
+
+
+def write_synthetic_shards(root: str, n_shards: int, per_shard: int, size: int = 32, dim: int = 8,
+                           split: str = "train") -> list[str]:
+    urls = []
+    for s in range(n_shards):
+        video = safe_video_id(f"vid{split}{s}")
+        samples = [synthetic_pair(video, i, i + 10, size, dim, split) for i in range(per_shard)]
+        url = storage.join(root, shards.shard_name(split, 1, s))
+        shards.write_shard(url, [(p.key, encode_sample(p)) for p in samples])
+        urls.append(url)
+    return urls
+
+
+def keys(loader) -> list[str]:
+    return [k for batch in loader for k in batch["__key__"]]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    write_synthetic_shards(str(tmp_path), n_shards=4, per_shard=3)
+    write_synthetic_shards(str(tmp_path), n_shards=1, per_shard=2, split="val")
+    return str(tmp_path)
+
+
+def test_lists_committed_shards_and_splits(dataset):
+    urls = td.list_shards(dataset)
+    assert len(urls) == 5
+    assert len(td.shards_for_split(urls, "train")) == 4
+    assert td.shards_for_split(urls, "val") == [u for u in urls if "/val/" in u]
+    # a tar without its commit marker (an unfinished write) is not trained on
+    storage.write_bytes(storage.join(dataset, "train", "shard-v001-000099.tar"), b"partial")
+    assert len(td.list_shards(dataset)) == 5
+
+
+def test_no_shards_is_a_typed_error(tmp_path):
+    with pytest.raises(td.TrainDataError):
+        td.list_shards(str(tmp_path))
+
+
+@pytest.mark.parametrize("n_shards,world", [(4, 2), (1, 2), (3, 2)])
+def test_ranks_see_disjoint_data_covering_the_epoch(tmp_path, n_shards, world):
+    urls = write_synthetic_shards(str(tmp_path), n_shards=n_shards, per_shard=4)
+    seen = []
+    for rank in range(world):
+        loader = td.epoch_loader(urls, rank=rank, world=world, epoch=0, seed=1, batch_size=1, resolution=16,
+                                 loader_workers=0, shuffle_buffer=4)
+        seen.append(set(keys(loader)))
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == n_shards * 4
+
+
+def test_shuffle_is_seeded_and_changes_per_epoch(dataset):
+    urls = td.shards_for_split(td.list_shards(dataset), "train")
+    kw = dict(rank=0, world=1, seed=3, batch_size=1, resolution=16, loader_workers=0, shuffle_buffer=8)
+    a = keys(td.epoch_loader(urls, epoch=0, **kw))
+    assert a == keys(td.epoch_loader(urls, epoch=0, **kw))
+    assert a != keys(td.epoch_loader(urls, epoch=1, **kw))
+    assert sorted(a) == sorted(keys(td.epoch_loader(urls, epoch=1, **kw)))
+
+
+def test_batches_are_tensors_in_range_at_the_resolution(dataset):
+    urls = td.shards_for_split(td.list_shards(dataset), "train")
+    loader = td.epoch_loader(urls, rank=0, world=1, epoch=0, seed=0, batch_size=2, resolution=24,
+                             loader_workers=1, shuffle_buffer=4)
+    batches = list(loader)
+    assert len(batches) == 6  # 12 samples, full batches only
+    b = batches[0]
+    for k in td.IMAGE_KEYS:
+        assert tuple(b[k].shape) == (2, 3, 24, 24)
+        assert float(b[k].min()) >= -1.0 and float(b[k].max()) <= 1.0
+    assert tuple(b["expression"].shape) == (2, 8) and str(b["expression"].dtype) == "torch.float32"
+
+
+def test_split_filter_uses_meta_when_paths_name_no_split(tmp_path):
+    p = [synthetic_pair("mixed", i, i + 5, split="val" if i % 2 else "train") for i in range(6)]
+    url = str(tmp_path / "shard-000000.tar")
+    shards.write_shard(url, [(s.key, encode_sample(s)) for s in p])
+    loader = td.epoch_loader([url], rank=0, world=1, epoch=0, seed=0, batch_size=1, resolution=16,
+                             loader_workers=0, shuffle_buffer=0, split="train")
+    assert len(keys(loader)) == 3
+
+
+def test_corrupt_shard_is_skipped_with_a_warning(dataset, caplog):
+    urls = td.shards_for_split(td.list_shards(dataset), "train")
+    rng = np.random.default_rng(0)
+    storage.write_bytes(urls[1], rng.integers(0, 255, 5000, dtype=np.uint8).tobytes())  # garbage
+    good = storage.read_bytes(urls[2])
+    storage.write_bytes(urls[2], good[: len(good) // 2])  # truncated mid-sample
+    with caplog.at_level(logging.WARNING, logger="pipelines.train_data"):
+        got = keys(td.epoch_loader(urls, rank=0, world=1, epoch=0, seed=0, batch_size=1, resolution=16,
+                                   loader_workers=0, shuffle_buffer=0))
+    assert len(got) >= 6  # the two intact shards at least
+    assert all("vidtrain1/" not in k for k in got)
+    assert sum("skipping" in r.message for r in caplog.records) >= 2
+
+
+def test_an_epoch_without_batches_raises_instead_of_spinning(dataset):
+    urls = td.shards_for_split(td.list_shards(dataset), "train")
+    for u in urls:
+        storage.write_bytes(u, b"not a tar at all" * 10)
+    it = td.infinite_batches(urls, rank=0, world=1, seed=0, batch_size=1, resolution=16, loader_workers=0,
+                             shuffle_buffer=0)
+    with pytest.raises(td.TrainDataError):
+        next(it)
+
+
+def test_fixed_batch_is_deterministic(dataset):
+    urls = td.shards_for_split(td.list_shards(dataset), "val")
+    a = td.fixed_batch(urls, n=2, resolution=16, split="val")
+    b = td.fixed_batch(urls, n=2, resolution=16, split="val")
+    assert a["__key__"] == b["__key__"] and len(a["__key__"]) == 2
+    assert np.array_equal(td.image_from_chw(a["source"][0]), td.image_from_chw(b["source"][0]))
