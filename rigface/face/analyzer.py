@@ -45,6 +45,19 @@ def normalize_frame(frame) -> np.ndarray | FaceSkip:
     return np.ascontiguousarray(img)
 
 
+# MediaPipe landmark ids of the five points: iris centres, nose tip, mouth corners.
+_FIVE_POINT_IDS = ((468, 473), 1, (61, 291))
+
+
+def five_points_from_landmarks(landmarks: np.ndarray) -> np.ndarray:
+    """(5, 2) image-left eye, image-right eye, nose tip, image-left and image-right mouth corners."""
+    lm = np.asarray(landmarks, dtype=np.float32)[:, :2]
+    eyes = lm[list(_FIVE_POINT_IDS[0])]
+    mouth = lm[list(_FIVE_POINT_IDS[2])]
+    eyes, mouth = eyes[np.argsort(eyes[:, 0])], mouth[np.argsort(mouth[:, 0])]
+    return np.concatenate([eyes, lm[[_FIVE_POINT_IDS[1]]], mouth], 0)
+
+
 class FaceAnalyzer:
     """Detect, crop, fit and mask one face per frame, with the backends chosen in `FaceConfig`.
 
@@ -57,24 +70,30 @@ class FaceAnalyzer:
 
     def __init__(self, cfg: FaceConfig | None = None):
         from rigface.face.landmarker import Landmarker
-        from rigface.face.mask import LandmarkGrabCutMask
+        from rigface.face.mask import make_mask_backend
+
+        from rigface.face.backends import preflight
 
         self.cfg = cfg = cfg or FaceConfig()
-        if cfg.fit != "landmarker" or cfg.expression != "blendshapes":
+        if cfg.fit != "landmarker":
             raise BackendUnavailable(
-                f"fit {cfg.fit!r} / expression {cfg.expression!r} need user-supplied DECA / Deep3DFaceRecon weights; "
-                "this build wires 'landmarker' + 'blendshapes'"
+                f"fit {cfg.fit!r}: the DECA backend (rigface.face.backends.deca) is not wired into FaceFit yet; "
+                "use fit='landmarker'"
             )
-        if cfg.mask != "landmarks":
-            raise BackendUnavailable(f"mask backend {cfg.mask!r} needs user-supplied BiSeNet weights; use 'landmarks'")
-        self.detector = make_detector(cfg.detector)
+        preflight(cfg)  # every user-supplied file named in one error, before any model loads
+        self.detector = make_detector(cfg.detector, cfg)
         self.landmarker = Landmarker(min_confidence=0.3)
-        self.masker = LandmarkGrabCutMask(work_size=cfg.mask_work_size)
+        self.masker = make_mask_backend(cfg.mask, cfg)
+        self.deep3d = None
+        if cfg.expression == "deep3d":
+            from rigface.face.backends import make_deep3d
+
+            self.deep3d = make_deep3d(cfg)
         self.mesh = assets.canonical_mesh()
         self.backends = {
             "detector": f"{self.detector.name}:{self.detector.version}",
             "fit": f"{self.landmarker.name}:{self.landmarker.version}",
-            "expression": "blendshapes52",
+            "expression": f"deep3d:{self.deep3d.version}" if self.deep3d is not None else "blendshapes52",
             "lighting": "sh9-least-squares",
             "mask": f"{self.masker.name}:{self.masker.version}",
             "renderer": "rigface-numpy-raster",
@@ -153,13 +172,18 @@ class FaceAnalyzer:
             np.sqrt(np.mean((geometry.pose_mesh(self.mesh.vertices, scale, rot, t) - mesh) ** 2)) / max(scale, 1e-6)
         )
         scores = dict(scores, lighting_rmse=rmse, shape_residual_cm=fit_resid)
+        expression = lm.blendshapes
+        if self.deep3d is not None:  # the paper's 64 BFM expression coefficients, from the landmarks' five points
+            d3d = self.deep3d(crop, five_points_from_landmarks(lm.landmarks))
+            expression = d3d.expression
+            scores.update({f"deep3d_{k}": float(v) for k, v in zip(("yaw", "pitch", "roll"), d3d.angles_deg)})
         return FaceFit(
             crop_box=box,
             crop=crop,
             landmarks=lm.landmarks,
             pose=pose,
             transform=geometry.similarity_matrix(scale, rot, t),
-            expression=lm.blendshapes,
+            expression=expression,
             lighting=lighting,
             albedo=albedo,
             mesh=mesh,

@@ -25,5 +25,18 @@ class FaceConfig(BaseModel):
     )
     detect_max_side: int = Field(1280, ge=64, description="frames larger than this are downscaled for detection")
     mask_work_size: int = Field(160, ge=32, description="GrabCut runs at this size, then is upscaled")
-    # Folder or s3:// URI with user-supplied weights for the paper-faithful backends.
+    # Folder or s3:// URI with user-supplied weights for the paper-faithful backends (rigface.face.backends).
     weights: str | None = None
+    # File names below are relative to `weights` unless absolute paths or URIs.
+    deep3d_checkpoint: str = Field("epoch_20.pth", description="Deep3DFaceRecon net; or d3dfr_res50_nofc.pth")
+    deep3d_input_size: int = Field(224, ge=64, description="224 for epoch_20.pth, 256 for d3dfr_res50_nofc.pth")
+    bfm_model: str = "BFM_model_front.mat"
+    bfm_landmarks: str | None = Field(None, description="optional similarity_Lm3D_all.mat (else the BFM keypoints)")
+    bisenet_checkpoint: str = "79999_iter.pth"
+    bisenet_input_size: int = Field(512, ge=64)
+    insightface_pack: str = Field("antelopev2", description="model-pack folder (antelopev2 or buffalo_l)")
+    insightface_det_size: int = Field(640, ge=64, description="SCRFD input side for dynamic-size models")
+    deca_checkpoint: str = "deca_model.tar"
+    flame_model: str = "generic_model.pkl"
+    flame_albedo: str | None = Field(None, description="optional FLAME_albedo_from_BFM.npz / FLAME_texture.npz")
+    backend_device: str = Field("cpu", description="torch/onnxruntime device for these backends, e.g. cuda")

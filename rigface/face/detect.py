@@ -115,13 +115,17 @@ class MediaPipeDetector:
         return out
 
 
-def make_detector(name: str) -> Detector:
+def make_detector(name: str, cfg=None) -> Detector:
     if name == "yunet":
         return YuNetDetector()
     if name == "mediapipe":
         return MediaPipeDetector()
+    if name == "insightface" and cfg is not None:  # SCRFD from the user's insightface pack
+        from rigface.face.backends import make_scrfd
+
+        return make_scrfd(cfg)
     raise BackendUnavailable(
-        f"face detector {name!r} needs user-supplied weights and is not wired in this build; use 'yunet' or 'mediapipe'"
+        f"face detector {name!r} needs user-supplied weights (pass the FaceConfig); use 'yunet' or 'mediapipe'"
     )
 
 

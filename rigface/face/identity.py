@@ -59,13 +59,19 @@ class SFaceEmbedder:
 
 
 class IdentityEmbedder:
-    """`IdentityEmbedder(cfg).embed(crop_rgb) -> (128,) float32, L2-normalised`."""
+    """`IdentityEmbedder(cfg).embed(crop_rgb) -> (dim,) float32, L2-normalised` (128 SFace, 512 ArcFace)."""
 
     def __init__(self, cfg: FaceConfig | None = None):
         cfg = cfg or FaceConfig()
-        if cfg.identity != "sface":
-            raise BackendUnavailable(f"identity backend {cfg.identity!r} needs user-supplied weights; use 'sface'")
-        self._backend = SFaceEmbedder()
+        if cfg.identity == "arcface":  # ArcFace from the user's insightface pack (512-d)
+            from rigface.face.backends import make_arcface, preflight
+
+            preflight(cfg)
+            self._backend = make_arcface(cfg)
+        elif cfg.identity == "sface":
+            self._backend = SFaceEmbedder()
+        else:
+            raise BackendUnavailable(f"identity backend {cfg.identity!r} is unknown; use 'sface' or 'arcface'")
         self.name, self.version, self.dim = self._backend.name, self._backend.version, self._backend.dim
 
     def embed(self, crop_rgb: np.ndarray) -> np.ndarray:

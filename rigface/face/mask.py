@@ -106,12 +106,16 @@ def _largest_component_with(fg: np.ndarray, hull: np.ndarray) -> np.ndarray:
     return filled.astype(bool)
 
 
-def make_mask_backend(name: str) -> MaskBackend:
+def make_mask_backend(name: str, cfg=None) -> MaskBackend:
     if name == "landmarks":
-        return LandmarkGrabCutMask()
+        return LandmarkGrabCutMask(**({"work_size": cfg.mask_work_size} if cfg is not None else {}))
+    if name == "bisenet" and cfg is not None:  # BiSeNet from the user's 79999_iter.pth
+        from rigface.face.backends import make_bisenet
+
+        return make_bisenet(cfg)
     from rigface.face.detect import BackendUnavailable
 
-    raise BackendUnavailable(f"mask backend {name!r} needs user-supplied weights and is not wired in this build")
+    raise BackendUnavailable(f"mask backend {name!r} needs user-supplied weights (pass the FaceConfig)")
 
 
 def composite_background(crop: np.ndarray, *masks: np.ndarray) -> np.ndarray:

@@ -26,7 +26,8 @@ IDENTITY_KWARG = "identity_tokens"
 
 
 def transformer_blocks(unet: nn.Module) -> list[tuple[str, BasicTransformerBlock]]:
-    """Every BasicTransformerBlock of a UNet with its module name, in forward order (16 in SD-1.5)."""
+    """Every BasicTransformerBlock of a UNet with its module name (16 in SD-1.5), in registration order
+    (down, up, mid: not the forward order; identity tokens are keyed by name, so order never matters)."""
     return [(name, m) for name, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)]
 
 
@@ -107,15 +108,8 @@ class IdentityCapture:
         self._store: dict[str, torch.Tensor] | None = None
         self.block_names = []
         for name, block in transformer_blocks(unet):
-            block.register_forward_pre_hook(self._hook(name), with_kwargs=True)
+            block.register_forward_pre_hook(_CaptureHook(self, name), with_kwargs=True)
             self.block_names.append(name)
-
-    def _hook(self, name: str):
-        def hook(module, args, kwargs):
-            if self._store is not None:
-                self._store[name] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
 
     def start(self) -> dict[str, torch.Tensor]:
         self._store = {}
@@ -125,15 +119,29 @@ class IdentityCapture:
         self._store = None
 
 
+class _CaptureHook:
+    """A hook object rather than a closure, so copy.deepcopy of the model (EMA copies) rebinds it to the copy."""
+
+    def __init__(self, capture: IdentityCapture, name: str):
+        self.capture = capture
+        self.name = name
+
+    def __call__(self, module, args, kwargs):
+        store = self.capture._store
+        if store is not None:
+            store[self.name] = args[0] if args else kwargs["hidden_states"]
+
+
 def unused_identity_parameters(unet: nn.Module) -> list[nn.Parameter]:
     """Parameters of the Identity Encoder that never reach a kept block input: its last transformer block, that
     transformer's proj_out and the output head. They get no gradient, so they are frozen (DDP needs every trainable
     parameter to take part, or find_unused_parameters and its extra traversal)."""
-    blocks = transformer_blocks(unet)
-    if not blocks:
+    up_blocks = getattr(unet, "up_blocks", None)
+    attentions = getattr(up_blocks[-1], "attentions", None) if up_blocks else None
+    if not attentions:
         return []
-    last_name, last_block = blocks[-1]
-    transformer = unet.get_submodule(last_name.rsplit(".transformer_blocks.", 1)[0])
+    transformer = attentions[-1]  # the last transformer in forward order
+    last_block = transformer.transformer_blocks[-1]
     params = list(last_block.parameters()) + list(transformer.proj_out.parameters())
     for head in ("conv_norm_out", "conv_out"):
         module = getattr(unet, head, None)

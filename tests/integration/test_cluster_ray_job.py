@@ -87,7 +87,7 @@ class LocalRayHead:
         self.log = Path(self.temp_dir, "ray-start.log")
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120.0) -> None:
+    def start(self, timeout: float = 240.0) -> None:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)

@@ -185,3 +185,20 @@ def test_schema_key_safety_in_output(ray_local, videos, tmp_path):
     for x in shards.iter_samples(str(out)):
         vid, a, b = schema.parse_key(x.key)
         assert vid.startswith("video-ete-b-") and x.meta["source_name"] == "b.mp4"
+
+
+def test_prepare_to_s3_reads_back(ray_local, stack, s3_prefix, tmp_path):
+    """Shards on the real local S3 server: written through storage, read by webdataset (s3 handler) and Ray."""
+    src = tmp_path / "src"
+    media.face_video(src / "a.mp4", n_frames=23, fps=10, size=SIZE, scale=1.0)
+    s = run(src, s3_prefix)
+    assert s.pairs == 2
+    assert shards.validate_shards(s3_prefix).ok
+    assert len(list(shards.iter_samples(s3_prefix))) == 2
+    import ray
+
+    fs, path = shards.pyarrow_filesystem(s3_prefix)
+    tars = [t for t in shards.list_shards(s3_prefix)]
+    rows = ray.data.read_webdataset([shards.pyarrow_filesystem(t)[1] for t in tars], filesystem=fs,
+                                    decoder=False).take_all()
+    assert len(rows) == 2

@@ -79,7 +79,7 @@ def test_nv_bilinear_keeps_constant_and_same_size():
     torch.testing.assert_close(nv_bilinear(const, (299, 299)), torch.full((1, 3, 299, 299), 0.25))
 
 
-def _face_set(n: int = 8, size: int = 96) -> np.ndarray:
+def _face_set(n: int = 6, size: int = 96) -> np.ndarray:
     """Crops of scikit-image's sample photographs (the astronaut portrait, a cat, coffee ...)."""
     photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
     rng = np.random.default_rng(0)

@@ -83,6 +83,10 @@ class _Fit:
         self.lighting = np.zeros((9, 3), np.float32) if lighting is None else np.asarray(lighting, np.float32)
 
 
+def test_pose_distance_wraps_around():
+    assert pose_distance(_Fit((179.0, 0, 0)), _Fit((-179.0, 0, 0))) == pytest.approx(np.deg2rad(2.0) / 3, rel=1e-5)
+
+
 def test_attribute_distances_known_values():
     a = _Fit((0, 0, 0))
     expr = np.zeros(52, np.float32)
@@ -91,9 +95,10 @@ def test_attribute_distances_known_values():
     light[0] = [1.0, 0.0, 0.0]
     b = _Fit((3.0, 4.0, 0.0), expression=expr, lighting=light)
     d = attribute_distances(b, a)
-    assert d["apd"] == pytest.approx(np.deg2rad(5.0), rel=1e-6)  # 3-4-5 triangle, degrees -> radians
-    assert d["aed"] == pytest.approx(0.5, rel=1e-6)
-    assert d["ald"] == pytest.approx(1.0, rel=1e-6)
+    # mean absolute differences (rigface.face.metrics); pose in radians
+    assert d["apd"] == pytest.approx(np.deg2rad(7.0 / 3.0), rel=1e-6)
+    assert d["aed"] == pytest.approx(0.7 / 52, rel=1e-6)
+    assert d["ald"] == pytest.approx(1.0 / 27, rel=1e-6)
     assert pose_distance(a, a) == 0.0
     with pytest.raises(FitMismatchError):
         attribute_distances(_Fit(expression=np.zeros(64)), a)

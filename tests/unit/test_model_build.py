@@ -1,0 +1,157 @@
+"""Sizes, Stable Diffusion folder init (tiny random weights in the real layout), released key map, configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import save_file
+
+from rigface.config import RigFaceConfig
+from rigface.model import CheckpointError, ModelConfig, RigFaceModel, build_rigface, load_released, map_released_key
+from rigface.model.presets import SD15_SCHEDULER, SD15_UNET, SD15_VAE, TINY_UNET, TINY_VAE, unet_configs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_sd15_sizes_on_meta_device():
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(SD15_UNET)
+        denoise, identity = unet_configs(SD15_UNET, "concat")
+        model = RigFaceModel(denoise, identity, expression_dim=64, conditioning="concat")
+        vae = AutoencoderKL.from_config(SD15_VAE)
+    per_unet = sum(p.numel() for p in unet.parameters())
+    counts = model.parameter_counts()
+    vae_params = sum(p.numel() for p in vae.parameters())
+    assert round(per_unet / 1e6, 2) == 859.52
+    assert counts["unet_id"] == per_unet
+    assert counts["unet_denoise"] == per_unet + 8 * 320 * 3 * 3  # conv_in widened 4 -> 12 channels
+    assert counts["expression_proj"] == 64 * 1280 + 1280
+    assert round(vae_params / 1e6, 2) == 83.65
+    assert abs((counts["total"] + vae_params) / 1e9 - 1.80) < 0.01
+    assert model.num_identity_blocks == 16
+
+
+def _tiny_clip(folder: Path):
+    """A CLIP tokenizer (byte-level vocab, no merges) and a tiny random text encoder, in diffusers layout."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to 256 + n.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    extra = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    tok_dir = folder / "tokenizer"
+    tok_dir.mkdir(parents=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    tokenizer.save_pretrained(tok_dir)
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                                           num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                           bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1))
+    encoder.save_pretrained(folder / "text_encoder")
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    """Stable Diffusion 1.5 layout with tiny random weights: unet, vae, scheduler, tokenizer, text_encoder."""
+    root = tmp_path_factory.mktemp("sd15")
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(TINY_UNET).save_pretrained(root / "unet")
+    AutoencoderKL.from_config(TINY_VAE).save_pretrained(root / "vae")
+    DDPMScheduler.from_config(SD15_SCHEDULER).save_pretrained(root / "scheduler")
+    _tiny_clip(root)
+    return root
+
+
+def test_init_from_stable_diffusion_folder(sd_folder):
+    cfg = ModelConfig(preset="sd15", pretrained=str(sd_folder), conditioning="concat", resolution=64,
+                      prediction_type="v_prediction")
+    c = build_rigface(cfg)
+    sd = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet")
+    sd_state = sd.state_dict()
+    for key, value in c.model.unet_id.state_dict().items():
+        assert torch.equal(value, sd_state[key]), key
+    w = c.model.unet_denoise.conv_in.weight
+    assert w.shape[1] == 12
+    assert torch.equal(w[:, :4], sd_state["conv_in.weight"]) and not w[:, 4:].any()
+    assert not c.model.expression_proj.weight.any()
+    assert c.text_embedding.shape == (1, 77, 32)
+    assert c.noise_scheduler.config.prediction_type == "v_prediction"
+    assert not any(p.requires_grad for p in c.vae.parameters())
+    # Zero-initialized new inputs: the denoising UNet starts as the SD UNet on the noisy latent.
+    g = torch.Generator().manual_seed(0)
+    x, t, txt = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([300]), c.text_embedding
+    with torch.no_grad():
+        ours = c.model.denoise(x, t, None, torch.randn(1, 8, 8, 8, generator=g), torch.randn(1, 52, generator=g), txt)
+        theirs = sd(x, t, encoder_hidden_states=txt).sample
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_prompt_changes_text_embedding(sd_folder):
+    from rigface.model import encode_prompt
+
+    a = encode_prompt(str(sd_folder), "A close up of a person.")
+    b = encode_prompt(str(sd_folder), "A landscape.")
+    assert a.shape == (1, 77, 32) and not torch.equal(a, b)
+
+
+def _released_folder(root: Path, model: RigFaceModel) -> Path:
+    """unet_denoise/ and unet_id/ as the authors ship them: UNet keys plus au_aug_mlp.* in unet_denoise."""
+    g = torch.Generator().manual_seed(5)
+    for part in ("unet_denoise", "unet_id"):
+        state = {k: torch.randn(v.shape, generator=g) for k, v in getattr(model, part).state_dict().items()}
+        if part == "unet_denoise":
+            state["au_aug_mlp.weight"] = torch.randn(model.expression_proj.weight.shape, generator=g)
+            state["au_aug_mlp.bias"] = torch.randn(model.expression_proj.bias.shape, generator=g)
+        (root / part).mkdir(parents=True)
+        save_file(state, str(root / part / "diffusion_pytorch_model.safetensors"))
+    return root
+
+
+def test_released_key_map_loads(tmp_path):
+    cfg = ModelConfig(preset="tiny", expression_dim=64, resolution=64)
+    model = build_rigface(cfg).model
+    folder = _released_folder(tmp_path / "released", model)
+    from safetensors.torch import load_file
+
+    denoise = load_file(str(folder / "unet_denoise" / "diffusion_pytorch_model.safetensors"))
+    c = build_rigface(cfg.model_copy(update={"released": str(folder)}))
+    assert torch.equal(c.model.expression_proj.weight, denoise["au_aug_mlp.weight"])
+    assert torch.equal(c.model.unet_denoise.conv_in.weight, denoise["conv_in.weight"])
+    assert map_released_key("unet_id", "conv_in.weight") == "unet_id.conv_in.weight"
+    assert map_released_key("unet_denoise", "au_aug_mlp.bias") == "expression_proj.bias"
+
+
+def test_released_mismatch_is_a_clear_error(tmp_path):
+    model = build_rigface(ModelConfig(preset="tiny", expression_dim=64)).model
+    folder = _released_folder(tmp_path / "released", model)
+    wrong_dim = build_rigface(ModelConfig(preset="tiny", expression_dim=52)).model
+    with pytest.raises(CheckpointError, match="shape"):
+        load_released(wrong_dim, folder)
+    rigger = build_rigface(ModelConfig(preset="tiny", expression_dim=64, conditioning="rigger")).model
+    with pytest.raises(CheckpointError, match="concat"):
+        load_released(rigger, folder)
+    with pytest.raises(CheckpointError, match="no safetensors"):
+        load_released(model, tmp_path / "empty")
+
+
+@pytest.mark.parametrize("name,preset,resolution", [("tiny", "tiny", 64), ("sd15", "sd15", 512)])
+def test_model_config_files_validate(name, preset, resolution):
+    data = yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())
+    cfg = RigFaceConfig.model_validate(data).model
+    assert (cfg.preset, cfg.resolution) == (preset, resolution)
