@@ -198,14 +198,17 @@ def _resolve_model(model: str) -> str:
 
 
 def run_evaluate(cfg: RigFaceConfig, *, data: str, model: str, out: str, mlflow_run_id: str | None = None,
-                 max_samples: int | None = None, steps: int | None = None, num_actors: int = 1,
-                 actor_cpus: float = 0.5, save_images: bool = False, seed: int = 0) -> EvalReport:
+                 max_samples: int | None = None, steps: int | None = None, num_actors: int | None = None,
+                 actor_cpus: float | None = None, save_images: bool = False, seed: int | None = None) -> EvalReport:
     """Edit and score the validation split of ``data`` with ``model``; write report.md/.json to ``out``."""
     import ray
 
     ev = cfg.evaluate
     steps = steps or ev.num_inference_steps
     max_samples = max_samples or ev.max_samples
+    num_actors = num_actors or ev.num_actors
+    actor_cpus = actor_cpus or ev.actor_cpus
+    seed = ev.seed if seed is None else seed
     urls = val_shards(data, ev.split)
     if not urls:
         raise EvaluateError(f"no {ev.split!r} shards under {data}")

@@ -207,6 +207,8 @@ def train_func(config: dict[str, Any]) -> None:
         log.info("train: checkpoint at step %d already meets max_steps=%d", step, tc.max_steps)
         return
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP (gloo on CPU, NCCL on GPU)
+    if ddp_model is not model:
+        ddp_model.config = model.config  # training_step reads model.config; the DDP wrapper hides it
     step_components = dataclasses.replace(components, model=ddp_model)
 
     tracker = _RankZeroTracker(config["mlflow_run_id"], cfg) if rank == 0 else None

@@ -94,6 +94,9 @@ class EvaluateConfig(_Section):
     max_samples: int | None = Field(None, ge=1)
     lpips_net: Literal["alex", "vgg"] = "alex"
     mlflow_run_id: str | None = None
+    num_actors: int = Field(1, ge=1, description="editing actors (one GPU each where GPUs exist)")
+    actor_cpus: float = Field(0.5, gt=0.0)
+    seed: int = 0
 
 
 class RigFaceConfig(_Section):

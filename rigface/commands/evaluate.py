@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run-id", default=None, help="MLflow run to log the metrics and report to")
     p.add_argument("--max-samples", type=int, default=None, help="score at most N pairs")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: evaluate.num_inference_steps)")
-    p.add_argument("--actors", type=int, default=1, help="editing actors (one GPU each where GPUs exist)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="editing actors, one GPU each where GPUs exist (default: evaluate.num_actors)")
     p.add_argument("--save-images", action="store_true", help="also write the edited crops under OUT/edited/")
     p.set_defaults(func=run)
 

@@ -78,7 +78,8 @@ class FaceFusionAttnProcessor:
         query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
         key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
         value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
+        scale = None if abs(attn.scale - head_dim**-0.5) < 1e-12 else attn.scale  # default scale: fastest kernel
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=scale)
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:

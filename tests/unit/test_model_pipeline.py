@@ -51,7 +51,7 @@ def test_pipeline_input_kinds_and_seeding(components):
     exp = np.random.default_rng(0).standard_normal(52).astype(np.float32)
     pil = pipe(imgs[0], imgs[1], imgs[2], exp, num_inference_steps=2, generator=torch.Generator().manual_seed(1))
     assert isinstance(pil.images[0], Image.Image) and pil.images[0].size == (64, 64)
-    tensors = [torch.from_numpy(np.asarray(im)).permute(2, 0, 1)[None].float() / 127.5 - 1 for im in imgs]
+    tensors = [torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float() / 127.5 - 1 for im in imgs]
     pt = pipe(*tensors, torch.from_numpy(exp)[None], num_inference_steps=2, output_type="pt",
               generator=torch.Generator().manual_seed(1))
     assert pt.images.shape == (1, 3, 64, 64) and 0 <= pt.images.min() and pt.images.max() <= 1

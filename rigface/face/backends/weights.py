@@ -14,12 +14,13 @@ from typing import Any, Mapping
 
 from rigface.face.assets import FaceModelMissing
 from rigface.face.config import FaceConfig
+from rigface.face.detect import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
 
-class WeightFileMissing(FaceModelMissing):
-    """A user-supplied weight or face-model file named in config is not there."""
+class WeightFileMissing(FaceModelMissing, BackendUnavailable):
+    """A user-supplied weight or face-model file named in config is not there (so the backend is unavailable)."""
 
 
 class WeightFormatError(ValueError):
