@@ -26,14 +26,10 @@ from rigface.config import RigFaceConfig
 from rigface.data import storage
 
 from pipelines import train_tracking as tracking
+from pipelines.ray_env import ensure_ray, forwarded_env
 
 log = logging.getLogger(__name__)
 
-# Env vars the workers need (S3, MLflow, our own knobs); values are passed through, never logged.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI",
-                 "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                 "RIGFACE_S3_MAX_ATTEMPTS", "RIGFACE_S3_RETRY_SECONDS", "RIGFACE_TRAIN_FAULT")
 STATE_FILE = "training_state.pt"
 MODEL_DIR = "model"
 
@@ -73,23 +69,6 @@ def storage_location(cfg: RigFaceConfig) -> tuple[str, Any, str]:
         return uri, fs, path
     Path(uri).mkdir(parents=True, exist_ok=True)
     return uri, None, uri
-
-
-def _worker_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-
-
-def _ensure_ray(num_workers: int) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    runtime_env = {"env_vars": _worker_env()}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env)  # a cluster: KubeRay or the cluster launcher
-    else:
-        ray.init(num_cpus=max(2, num_workers), include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=True)
 
 
 def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | None = None,
@@ -134,7 +113,7 @@ def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | No
     log.info("train: run %s (mlflow %s, %s) on %d shard(s)", tc.run_name, run_id,
              "resuming" if resumed else "new", len(train_shards))
 
-    _ensure_ray(tc.num_workers)
+    ensure_ray(num_cpus=tc.ray_num_cpus or max(2, tc.num_workers))
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "train_shards": train_shards,
@@ -147,7 +126,7 @@ def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | No
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            worker_runtime_env={"env_vars": _worker_env()},
+            worker_runtime_env={"env_vars": forwarded_env()},
         ),
     )
     try:
@@ -212,7 +191,7 @@ def train_func(config: dict[str, Any]) -> None:
     step_components = dataclasses.replace(components, model=ddp_model)
 
     tracker = _RankZeroTracker(config["mlflow_run_id"], cfg) if rank == 0 else None
-    val_batch = fixed_batch(config["val_shards"], n=4, resolution=cfg.model.resolution,
+    val_batch = fixed_batch(config["val_shards"], n=tc.val_batch_size, resolution=cfg.model.resolution,
                            split=config["val_split"]) \
         if rank == 0 else None
     batches = infinite_batches(config["train_shards"], start_epoch=epoch, rank=rank, world=world, seed=tc.seed,
@@ -404,7 +383,7 @@ class _RankZeroTracker:
             with torch.no_grad():
                 out = pipe(source=as_u8["source"], background=as_u8["background"], render=as_u8["render"],
                            expression=batch["expression"].to(next(model.parameters()).device),
-                           num_inference_steps=self.cfg.evaluate.num_inference_steps,
+                           num_inference_steps=self.cfg.train.val_inference_steps,
                            generator=torch.Generator().manual_seed(0), output_type="np")
             model.train(was_training)
             edits = np.asarray(getattr(out, "images", out))

@@ -80,6 +80,9 @@ class TrainConfig(_Section):
     max_failures: int = Field(3, ge=0)
     seed: int = 0
     register_model: str | None = None
+    val_batch_size: int = Field(4, ge=1, description="fixed validation pairs drawn in the MLflow image grids")
+    val_inference_steps: int = Field(20, ge=1, description="denoising steps for the validation grids")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: max(2, num_workers))")
     loader_workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(256, ge=0)
 
