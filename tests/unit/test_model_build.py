@@ -17,13 +17,9 @@ from rigface.model.presets import SD15_SCHEDULER, SD15_UNET, SD15_VAE, TINY_UNET
 
 ROOT = Path(__file__).resolve().parents[2]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 def test_sd15_sizes_on_meta_device():

@@ -13,13 +13,7 @@ from rigface.model.presets import TINY_UNET, unet_configs
 from rigface.model.rigface_model import RigFaceModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine's cores are shared: one thread avoids oversubscription stalls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _MODELS: dict = {}

@@ -10,13 +10,9 @@ from PIL import Image
 from rigface.model import ModelConfig, RigFacePipeline, build_rigface, load_rigface, save_rigface
 from rigface.model.checkpoint import CheckpointError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 @pytest.fixture(scope="module")

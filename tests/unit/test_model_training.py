@@ -7,13 +7,9 @@ import torch
 
 from rigface.model import BatchError, ModelConfig, build_rigface, training_step
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 def make_batch(b=2, size=64, dim=52, seed=0):
