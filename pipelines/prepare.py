@@ -377,12 +377,18 @@ def _run_stages(cfg: RigFaceConfig, pending: dict[str, list[dict]], n_pairs: int
     p = cfg.prepare
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards arrive whole, one after another: bounded driver memory
+    # CPU tasks take one CPU each, less when the actor pool leaves under one free (a 1-CPU box would deadlock).
+    free = float(ray.cluster_resources().get("CPU", 1)) - p.num_face_actors * p.face_actor_cpus
+    task_cpus = 1.0 if free >= 1.0 else max(0.1, round(free, 2))
+    if free <= 0:
+        raise PrepareError(f"the face actor pool ({p.num_face_actors} x {p.face_actor_cpus} CPU) takes every CPU: "
+                           "lower prepare.face_actor_cpus or prepare.num_face_actors")
     rows = [dict(v, shard=url) for url, vids in pending.items() for v in vids]
     keep = ("shard", "video_id", "content_hash", "split", "url", "name")
     rows = [{k: r[k] for k in keep} for r in rows]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map(decode_row, fn_kwargs=dict(n_pairs=n_pairs, spare=spare, min_gap_seconds=p.min_gap_seconds,
-                                           seed=p.seed, max_side=p.max_frame_side), num_cpus=1)
+                                           seed=p.seed, max_side=p.max_frame_side), num_cpus=task_cpus)
     ds = ds.map_batches(
         AnalyzeFrames, fn_constructor_args=(cfg.face, backend_factory), batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=p.num_face_actors),
@@ -391,7 +397,7 @@ def _run_stages(cfg: RigFaceConfig, pending: dict[str, list[dict]], n_pairs: int
     )
     ds = ds.map(build_samples_row, fn_kwargs=dict(n_pairs=n_pairs, min_gap_seconds=p.min_gap_seconds, seed=p.seed,
                                                   jpeg_quality=p.jpeg_quality, backend_factory=backend_factory,
-                                                  face_cfg=cfg.face), num_cpus=1)
+                                                  face_cfg=cfg.face), num_cpus=task_cpus)
 
     expected = {url: {v["video_id"] for v in vids} for url, vids in pending.items()}
     buffers: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)

@@ -178,13 +178,13 @@ def test_actor_killed_mid_run_every_sample_once(ray_local, tmp_path):
 
 
 def test_schema_key_safety_in_output(ray_local, videos, tmp_path):
-    # Video ids derived from unicode paths with spaces are tar-safe and unique.
+    # A source folder whose own path holds spaces and unicode: ids are tar-safe and carry the content hash.
     out = tmp_path / "ds"
     s = run(videos / "vidéo été", out)
     assert s.pairs == 2
     for x in shards.iter_samples(str(out)):
         vid, a, b = schema.parse_key(x.key)
-        assert vid.startswith("video-ete-b-") and x.meta["source_name"] == "b.mp4"
+        assert vid.startswith("b-") and x.meta["source_name"] == "b.mp4" and x.meta["content_hash"][:10] in vid
 
 
 def test_prepare_to_s3_reads_back(ray_local, stack, s3_prefix, tmp_path):
