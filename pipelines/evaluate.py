@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from pipelines.ray_env import ensure_ray
 from rigface.config import RigFaceConfig
 from rigface.data import storage
 from rigface.eval.fid import FEATURE_DIM
@@ -213,8 +214,7 @@ def run_evaluate(cfg: RigFaceConfig, *, data: str, model: str, out: str, mlflow_
     if not urls:
         raise EvaluateError(f"no {ev.split!r} shards under {data}")
     t0 = time.monotonic()
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
+    ensure_ray()
     ds = ray.data.from_items([{"shard": u} for u in urls], override_num_blocks=len(urls))
     ds = ds.flat_map(read_shard_rows, num_cpus=0.25)
     if max_samples:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from pipelines.ray_env import ensure_ray
 from rigface import __version__
 from rigface.config import RigFaceConfig
 from rigface.data import shards as shardio
@@ -275,19 +276,6 @@ def plan_shards(videos: Iterable[dict[str, Any]], *, output: str, version: int, 
 # ---------------------------------------------------------------- the job
 
 
-def _ray_init() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        import os
-
-        # RAY_ADDRESS in the environment makes this join a cluster; otherwise a local Ray starts. Workers get the
-        # storage settings (endpoint, credentials) of the driver so s3:// sources read the same store.
-        env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RIGFACE_"))}
-        ray.init(include_dashboard=False, log_to_driver=True, ignore_reinit_error=True,
-                 runtime_env={"env_vars": env} if env else None)
-
-
 def run_prepare(cfg: RigFaceConfig, *, source: str | Iterable[str] | None = None, output: str | None = None,
                 overwrite: bool = False, append: bool = False,
                 backend_factory: Callable[[Any], Any] | None = None) -> PrepareSummary:
@@ -307,7 +295,7 @@ def run_prepare(cfg: RigFaceConfig, *, source: str | Iterable[str] | None = None
     output = output.rstrip("/")
     if overwrite and append:
         raise PrepareError("--overwrite and --append exclude each other")
-    _ray_init()
+    ensure_ray()
     _ensure_bucket(output)
 
     card = shardio.read_card(output)

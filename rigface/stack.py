@@ -253,6 +253,23 @@ class LocalStack:
         self.env_file.unlink(missing_ok=True)
         return stopped
 
+    # ---- S3 alone, for fault drills: a crashed store that comes back on the same port with its data
+    def kill_s3(self) -> None:
+        """SIGKILL the S3 server, as a crash would."""
+        info = self._load_info()
+        if info and _alive(info.pids.get("s3", 0), "weed"):
+            os.killpg(os.getpgid(info.pids["s3"]), signal.SIGKILL)
+            _stop_group(info.pids["s3"], 5.0)
+
+    def start_s3(self, timeout: float = 60.0) -> None:
+        """Start the S3 server again on its previous ports (MLflow keeps running)."""
+        info = self._load_info()
+        if info is None:
+            raise StackError(f"no stack in {self.state}: run `rigface stack up`")
+        info.pids["s3"] = self._start_s3(info)
+        self._save_info(info)
+        self._wait_s3(info, timeout)
+
     # ---- servers
     def _spawn(self, name: str, cmd: list[str], env: Mapping[str, str] | None = None) -> int:
         logf = open(self.state / "logs" / f"{name}.log", "ab")

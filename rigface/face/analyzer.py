@@ -75,11 +75,8 @@ class FaceAnalyzer:
         from rigface.face.backends import preflight
 
         self.cfg = cfg = cfg or FaceConfig()
-        if cfg.fit != "landmarker":
-            raise BackendUnavailable(
-                f"fit {cfg.fit!r}: the DECA backend (rigface.face.backends.deca) is not wired into FaceFit yet; "
-                "use fit='landmarker'"
-            )
+        if cfg.fit not in ("landmarker", "deca"):
+            raise BackendUnavailable(f"fit {cfg.fit!r}: use 'landmarker' or 'deca'")
         preflight(cfg)  # every user-supplied file named in one error, before any model loads
         self.detector = make_detector(cfg.detector, cfg)
         self.landmarker = Landmarker(min_confidence=0.3)
@@ -89,6 +86,11 @@ class FaceAnalyzer:
             from rigface.face.backends import make_deep3d
 
             self.deep3d = make_deep3d(cfg)
+        self.deca = None
+        if cfg.fit == "deca":  # pose, lighting and the FLAME mesh; the landmarker still gives masks and points
+            from rigface.face.backends import make_deca
+
+            self.deca = make_deca(cfg)
         self.mesh = assets.canonical_mesh()
         self.backends = {
             "detector": f"{self.detector.name}:{self.detector.version}",
@@ -98,6 +100,9 @@ class FaceAnalyzer:
             "mask": f"{self.masker.name}:{self.masker.version}",
             "renderer": "rigface-numpy-raster",
         }
+        if self.deca is not None:
+            self.backends.update({"fit": f"deca:{self.deca.version}+flame", "lighting": "deca-sh9",
+                                  "landmarks": f"{self.landmarker.name}:{self.landmarker.version}"})
 
     # -- stages, public so the benchmark can time them -------------------------------------------
     def detect(self, rgb: np.ndarray) -> list[Detection]:
@@ -149,29 +154,35 @@ class FaceAnalyzer:
             if box[2] - box[0] < 8 or box[3] - box[1] < 8:
                 return FaceSkip(SkipReason.bad_image, f"crop box {box} is degenerate")
             crop = extract_crop(rgb, box, self.cfg.crop_size)
-            return self.fit_crop(crop, box, rgb.shape[:2], {"detection": chosen.score})
+            k = (self.cfg.crop_size / (box[2] - box[0]), self.cfg.crop_size / (box[3] - box[1]))
+            face_box = tuple((v - box[i % 2]) * k[i % 2] for i, v in enumerate(chosen.box))  # in crop pixels
+            return self.fit_crop(crop, box, rgb.shape[:2], {"detection": chosen.score}, face_box=face_box)
         except Exception as exc:  # a model failing on one odd frame must not kill a dataset job
             log.warning("face fit failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return FaceSkip(SkipReason.fit_failed, f"{type(exc).__name__}: {exc}")
 
     def fit_crop(
-        self, crop: np.ndarray, box: tuple[int, int, int, int], frame_size: tuple[int, int], scores: dict
+        self, crop: np.ndarray, box: tuple[int, int, int, int], frame_size: tuple[int, int], scores: dict,
+        face_box: tuple[float, float, float, float] | None = None,
     ) -> FaceFit | FaceSkip:
+        """face_box: the detector's tight face box in crop pixels (DECA's crop); else the landmarks' box."""
         lm = self.landmarker(crop)
         if lm is None:
             return FaceSkip(SkipReason.fit_failed, "the landmarker found no face in the crop")
-        mesh = lm.landmarks[:MESH_VERTICES].copy()
-        scale, rot, t, shape = geometry.fit_pose(mesh, self.mesh.vertices)
-        yaw, pitch, roll = geometry.euler_from_rotation(rot)
-        tx, ty, tz = geometry.view_to_image(np.asarray(t, dtype=np.float32))
-        pose = Pose(yaw=yaw, pitch=pitch, roll=roll, translation=(float(tx), float(ty), float(tz)), scale=scale)
-        normals = geometry.vertex_normals(geometry.image_to_view(mesh), self.mesh.triangles)
-        lighting, albedo, rmse = geometry.fit_lighting(crop, mesh, normals)
         mask = self.masker(crop, lm.landmarks)
-        fit_resid = float(
-            np.sqrt(np.mean((geometry.pose_mesh(self.mesh.vertices, scale, rot, t) - mesh) ** 2)) / max(scale, 1e-6)
-        )
-        scores = dict(scores, lighting_rmse=rmse, shape_residual_cm=fit_resid)
+        if self.deca is not None:
+            from rigface.face.backends.deca_fit import DecaFitError, fit_deca
+
+            if face_box is None:
+                xy = lm.landmarks[:MESH_VERTICES, :2]
+                face_box = (*xy.min(0), *xy.max(0))
+            try:
+                parts = fit_deca(self.deca, crop, face_box)
+            except DecaFitError as exc:
+                return FaceSkip(SkipReason.fit_failed, str(exc))
+            scores = dict(scores, deca_cam_scale=float(parts["deca"]["codes"]["cam"][0]))
+        else:
+            parts, scores = self._fit_landmarker_mesh(crop, lm, scores)
         expression = lm.blendshapes
         if self.deep3d is not None:  # the paper's 64 BFM expression coefficients, from the landmarks' five points
             d3d = self.deep3d(crop, five_points_from_landmarks(lm.landmarks))
@@ -181,19 +192,30 @@ class FaceAnalyzer:
             crop_box=box,
             crop=crop,
             landmarks=lm.landmarks,
-            pose=pose,
-            transform=geometry.similarity_matrix(scale, rot, t),
             expression=expression,
-            lighting=lighting,
-            albedo=albedo,
-            mesh=mesh,
             mask=mask,
             scores=scores,
             backends=dict(self.backends),
-            shape=shape,
             frame_size=(int(frame_size[0]), int(frame_size[1])),
             mediapipe_transform=lm.transform,
+            **parts,
         )
+
+    def _fit_landmarker_mesh(self, crop: np.ndarray, lm, scores: dict) -> tuple[dict, dict]:
+        """Pose, lighting, albedo and shape from the 468 landmarks (the default 3D fit)."""
+        mesh = lm.landmarks[:MESH_VERTICES].copy()
+        scale, rot, t, shape = geometry.fit_pose(mesh, self.mesh.vertices)
+        yaw, pitch, roll = geometry.euler_from_rotation(rot)
+        tx, ty, tz = geometry.view_to_image(np.asarray(t, dtype=np.float32))
+        pose = Pose(yaw=yaw, pitch=pitch, roll=roll, translation=(float(tx), float(ty), float(tz)), scale=scale)
+        normals = geometry.vertex_normals(geometry.image_to_view(mesh), self.mesh.triangles)
+        lighting, albedo, rmse = geometry.fit_lighting(crop, mesh, normals)
+        fit_resid = float(
+            np.sqrt(np.mean((geometry.pose_mesh(self.mesh.vertices, scale, rot, t) - mesh) ** 2)) / max(scale, 1e-6)
+        )
+        parts = {"pose": pose, "transform": geometry.similarity_matrix(scale, rot, t), "lighting": lighting,
+                 "albedo": albedo, "mesh": mesh, "shape": shape}
+        return parts, dict(scores, lighting_rmse=rmse, shape_residual_cm=fit_resid)
 
     def close(self) -> None:
         """Release the MediaPipe graphs now (they are also closed at interpreter exit)."""

@@ -15,10 +15,19 @@ Edit = Literal["expression", "pose", "lighting", "all"]
 EDITS = ("expression", "pose", "lighting", "all")
 
 
-def render_fit(shape_fit: FaceFit, pose_fit: FaceFit, light_fit: FaceFit, size: int | None = None) -> np.ndarray:
-    """`shape_fit`'s face shape and albedo, posed like `pose_fit` in its crop, lit by `light_fit`'s SH lighting."""
-    mesh = assets.canonical_mesh()
+def render_fit(shape_fit: FaceFit, pose_fit: FaceFit, light_fit: FaceFit, size: int | None = None,
+               expression_fit: FaceFit | None = None) -> np.ndarray:
+    """`shape_fit`'s face shape and albedo, posed like `pose_fit` in its crop, lit by `light_fit`'s SH lighting.
+
+    DECA fits (fit="deca") re-run FLAME with the codes swapped: `expression_fit` (default `shape_fit`) gives
+    the FLAME expression and jaw. Landmarker fits carry the expression in their shape and ignore it.
+    """
     size = size or pose_fit.crop_size
+    if shape_fit.deca is not None or pose_fit.deca is not None:
+        from rigface.face.backends.deca_fit import render_deca
+
+        return render_deca(shape_fit, pose_fit, light_fit, expression_fit or shape_fit, size)
+    mesh = assets.canonical_mesh()
     scale, rot, t = geometry.decompose_matrix(pose_fit.transform)
     k = size / pose_fit.crop_size  # crops of another size: rescale the pose into this frame
     posed = geometry.pose_mesh(_shape_of(shape_fit), scale * k, rot, t * k)
@@ -48,6 +57,8 @@ def build_conditions(source: FaceFit, target: FaceFit, edit: Edit = "all") -> Pa
 
     "all" is the training pair from one video: the render is aligned with the target crop (the image the
     model learns to produce). Gray is 127, the authors' fill. Masks are returned as given by the fits.
+    DECA fits also take the FLAME expression and jaw for the render from the expression column (codes
+    swapped per edit, as the authors do).
     """
     if edit not in EDITS:
         raise ValueError(f"edit must be one of {', '.join(EDITS)}, got {edit!r}")
@@ -55,12 +66,12 @@ def build_conditions(source: FaceFit, target: FaceFit, edit: Edit = "all") -> Pa
         raise ValueError(f"source and target crops differ in size: {source.crop.shape} vs {target.crop.shape}")
     pose_fit = target if edit in ("pose", "all") else source
     light_fit = target if edit in ("lighting", "all") else source
-    render = render_fit(source, pose_fit, light_fit)
+    expr_fit = target if edit in ("expression", "all") else source
+    render = render_fit(source, pose_fit, light_fit, expression_fit=expr_fit)
     if edit in ("pose", "all"):
         background = composite_background(source.crop, source.mask, target.mask)
     else:
         background = composite_background(source.crop, source.mask)
-    expr_fit = target if edit in ("expression", "all") else source
     return PairConditions(
         render=render,
         background=background,

@@ -84,15 +84,18 @@ class FaceFit:
     expression: (D,) float32 expression vector (D=52 blendshape scores for the default backend).
     lighting: (9, 3) float32 second-order SH coefficients per RGB channel, on colours in [0, 1]
         (band order: 1, y, z, x, xy, yz, 3z^2-1, xz, x^2-y^2; normals in crop axes, z towards the camera).
-    albedo: (468, 3) float32 per-vertex albedo in [0, 1].
-    mesh: (468, 3) float32 face mesh vertices in crop pixels (the render is drawn from these).
+    albedo: (V, 3) float32 per-vertex albedo in [0, 1] (V = 468, or 5023 FLAME vertices for fit="deca").
+    mesh: (V, 3) float32 face mesh vertices in crop pixels (the render is drawn from these).
     mask: (S, S) uint8 head mask, 0 or 255 (face, hair, neck and what sits on them).
     scores: detection and fit quality, e.g. {"detection": 0.93, "lighting_rmse": 0.04, ...}.
     backends: name -> version, e.g. {"detector": "yunet-2023mar/opencv-4.x", ...}.
-    shape: (468, 3) float32 the same mesh in head coordinates (pose removed, canonical-model cm units);
-        re-posing an edit applies another fit's pose to this.
+    shape: (V, 3) float32 the same mesh in head coordinates (pose removed, canonical-model cm units; for
+        fit="deca" FLAME metres about its root joint); re-posing an edit applies another fit's pose to this.
     frame_size: (height, width) of the source frame.
     mediapipe_transform: (4, 4) MediaPipe's own perspective facial transformation matrix (cm), for reference.
+    triangles: (F, 3) int mesh faces of `mesh`/`shape` when not the canonical MediaPipe mesh (FLAME's for DECA).
+    deca: for fit="deca": {"codes": DECA's code dict (shape, tex, exp, pose, cam, light), "box": the DECA
+        crop (x0, y0, side) in crop pixels, "flame": the FLAME model file}; re-posed renders swap codes.
     """
 
     crop_box: tuple[int, int, int, int]
@@ -110,6 +113,8 @@ class FaceFit:
     shape: np.ndarray | None = None
     frame_size: tuple[int, int] = (0, 0)
     mediapipe_transform: np.ndarray | None = None
+    triangles: np.ndarray | None = None
+    deca: dict[str, Any] | None = None
 
     @property
     def crop_size(self) -> int:
@@ -117,7 +122,7 @@ class FaceFit:
 
     def to_meta(self) -> dict[str, Any]:
         """A JSON-able summary (no big arrays): what goes into a shard's meta.json."""
-        return {
+        meta = {
             "crop_box": [int(v) for v in self.crop_box],
             "crop_size": self.crop_size,
             "frame_size": [int(v) for v in self.frame_size],
@@ -128,6 +133,12 @@ class FaceFit:
             "scores": {k: float(v) for k, v in self.scores.items()},
             "backends": {k: str(v) for k, v in self.backends.items()},
         }
+        if self.deca is not None:  # DECA's 236 codes and crop: enough to re-pose and re-render from a shard
+            meta["deca"] = {
+                "codes": {k: np.asarray(v, np.float64).round(6).tolist() for k, v in self.deca["codes"].items()},
+                "box": [round(float(v), 3) for v in self.deca["box"]],
+            }
+        return meta
 
 
 @dataclass

@@ -202,3 +202,33 @@ def test_prepare_to_s3_reads_back(ray_local, stack, s3_prefix, tmp_path):
     rows = ray.data.read_webdataset([shards.pyarrow_filesystem(t)[1] for t in tars], filesystem=fs,
                                     decoder=False).take_all()
     assert len(rows) == 2
+
+
+def test_s3_store_restarted_mid_run_writes_retry(ray_local, stack, s3_prefix, tmp_path):
+    """The S3 server crashes while the job runs and comes back: the storage layer's retries carry the run through."""
+    import threading
+    import time
+
+    src = tmp_path / "src"
+    media.face_video(src / "a.mp4", n_frames=23, fps=10, size=SIZE, scale=1.0)
+    media.face_video(src / "b.mp4", n_frames=24, fps=10, size=SIZE, scale=1.1)
+    stack.kill_s3()  # down before the first listing/write: every S3 call of the run must wait and retry
+    result: dict = {}
+
+    def job():
+        try:
+            result["summary"] = run(src, s3_prefix)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = exc
+
+    t = threading.Thread(target=job)
+    t.start()
+    time.sleep(8)
+    assert t.is_alive(), f"the run ended while S3 was down: {result}"
+    stack.start_s3()
+    t.join(timeout=240)
+    assert not t.is_alive()
+    assert "error" not in result, result.get("error")
+    assert result["summary"].pairs == 4
+    report = shards.validate_shards(s3_prefix)
+    assert report.ok and report.samples == 4, report.faults

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rigface.face.backends.flame import FLAME, load_flame_pickle
+from rigface.face.backends.flame import cached_flame
 from rigface.face.backends.nets import resnet50
 from rigface.face.backends.weights import WeightFormatError, load_exact, load_torch_checkpoint, strip_prefix
 
@@ -75,9 +75,12 @@ class Deca:
 
     def __init__(self, checkpoint: str | Path, flame_model: str | Path, albedo: str | Path | None = None,
                  device: str = "cpu"):
-        self.flame = FLAME(load_flame_pickle(flame_model)).to(device)
+        self.flame_path = str(Path(flame_model).expanduser().resolve())
+        self.flame = cached_flame(self.flame_path)  # CPU: the re-posed renders share it (5023 vertices, cheap)
         self.encoder = load_deca_encoder(checkpoint).to(device)
-        self.albedo_path = albedo  # UV albedo needs FLAME's UV layout (head_template.obj): not used yet
+        # The UV albedo space needs FLAME's UV layout (head_template.obj), which no configured file gives:
+        # per-vertex albedo is fitted to the crop's pixels instead (rigface.face.backends.deca_fit).
+        self.albedo_path = albedo
         self.device = device
         self.version = Path(checkpoint).name
         self._lock = threading.Lock()
@@ -94,7 +97,7 @@ class Deca:
     @torch.no_grad()
     def vertices(self, codes: dict[str, np.ndarray]) -> np.ndarray:
         def t(name):
-            return torch.as_tensor(codes[name], dtype=torch.float32, device=self.device)[None]
+            return torch.as_tensor(codes[name], dtype=torch.float32)[None]
 
         return self.flame(t("shape"), t("exp"), t("pose"))[0].cpu().numpy()
 

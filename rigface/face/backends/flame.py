@@ -13,6 +13,7 @@ correctives from (R - I) of the four non-root joints, then linear blend skinning
 from __future__ import annotations
 
 import pickle
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,12 @@ class FLAME(nn.Module):
         self.parents = parents.tolist()
         self.n_shape, self.n_exp = n_shape, n_exp
 
+    def root_joint(self, shape: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
+        """(B, 3) the global (root) joint: the point the global pose rotates the whole head about."""
+        betas = torch.cat([shape, expression], 1)
+        v_shaped = self.v_template[None] + torch.einsum("bl,nkl->bnk", betas, self.shapedirs)
+        return torch.einsum("n,bnk->bk", self.J_regressor[0], v_shaped)
+
     def forward(self, shape: torch.Tensor, expression: torch.Tensor, pose: torch.Tensor,
                 neck_pose: torch.Tensor | None = None, eye_pose: torch.Tensor | None = None) -> torch.Tensor:
         b = shape.shape[0]
@@ -162,3 +169,20 @@ class FLAME(nn.Module):
         world = world.clone()
         world[:, :, :3, 3] = world[:, :, :3, 3] - posed_joints
         return world
+
+
+_CACHE: dict[str, FLAME] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def cached_flame(path: str | Path) -> FLAME:
+    """One FLAME layer per model file and process, shared by the DECA encoder and the re-posed renders.
+
+    Its forward is stateless, so threads may share it.
+    """
+    key = str(Path(path).expanduser().resolve())
+    with _CACHE_LOCK:
+        flame = _CACHE.get(key)
+        if flame is None:
+            flame = _CACHE[key] = FLAME(load_flame_pickle(key)).eval()
+        return flame
