@@ -102,6 +102,20 @@ class EvaluateConfig(_Section):
     seed: int = 0
 
 
+class DemoConfig(_Section):
+    """`make demo`'s own knobs: the sample videos it makes and the edit it shows."""
+
+    prefix: str = "demo"
+    n_videos: int = Field(9, ge=2)
+    val_videos: int = Field(3, ge=1)
+    seconds: float = Field(4.0, gt=0)
+    fps: int = Field(8, ge=1)
+    size: int = Field(256, ge=64)
+    edit: Literal["expression", "pose", "lighting", "all"] = "pose"
+    source: str = "astronaut"
+    driver: str = "grace_hopper"
+
+
 class RigFaceConfig(_Section):
     storage: StorageConfig = StorageConfig()
     face: FaceConfig = FaceConfig()
@@ -109,6 +123,7 @@ class RigFaceConfig(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    demo: DemoConfig = DemoConfig()
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys to values, for MLflow params (no secrets live in the config)."""

@@ -215,7 +215,6 @@ def test_a_failing_job_is_reported_failed(ray_head):
 
 def test_rigface_prepare_runs_as_a_ray_job(ray_head, tmp_path):
     """The prepare line of docs/cluster.md, on one tiny real video into a local folder."""
-    sys.path.insert(0, str(REPO / "tests"))  # tests/ is not a package: reach tests/media.py
     import media
 
     videos = tmp_path / "videos"

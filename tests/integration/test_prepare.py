@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not a package: reach tests/media.py
-import media  # noqa: E402
+import media  # tests/ is on pythonpath (pyproject)
 
-from rigface.config import load_config  # noqa: E402
-from rigface.data import schema, shards  # noqa: E402
+from rigface.config import load_config
+from rigface.data import schema, shards
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,6 @@ on test videos here would cost minutes of face analysis that the prepare tests a
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,7 @@ import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_train_data import write_synthetic_shards  # noqa: E402
+from shard_media import write_synthetic_shards  # tests/ is on pythonpath (pyproject)
 
 EXPRESSION_DIM = 8
 

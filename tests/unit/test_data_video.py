@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +10,7 @@ import pytest
 from rigface.data import sources
 from rigface.data.video import Video, VideoError, probe, scaled_size
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not a package: reach tests/media.py
-import media  # noqa: E402
+import media
 
 
 @pytest.fixture(scope="module")

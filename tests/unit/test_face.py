@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import face_media as fm  # noqa: E402
+import face_media as fm
 
-from rigface.face.config import FaceConfig  # noqa: E402
-from rigface.face.types import FaceFit, FaceSkip, PairConditions, SkipReason  # noqa: E402
+from rigface.face.config import FaceConfig
+from rigface.face.types import FaceFit, FaceSkip, PairConditions, SkipReason
 
 
 @pytest.fixture(scope="module")
