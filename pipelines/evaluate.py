@@ -171,11 +171,12 @@ class EditScoreActor:
     def __init__(self, cfg: RigFaceConfig, model: str, steps: int, seed: int, save_url: str | None):
         import torch
 
+        from rigface.edit import resolve_model_uri
         from rigface.model import RigFacePipeline, load_rigface
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float16 if device == "cuda" else torch.float32
-        components = load_rigface(_resolve_model(model), device=device, dtype=dtype)
+        components = load_rigface(resolve_model_uri(model), device=device, dtype=dtype)
         self.edit_fn = pipeline_edit_fn(RigFacePipeline.from_components(components), steps, seed)
         self.scorer = PairScorer.build(lpips_net=cfg.evaluate.lpips_net, face_cfg=cfg.face, device=device)
         self.save_url = save_url
@@ -184,15 +185,6 @@ class EditScoreActor:
         keys = list(batch["key"])
         rows = [{c: batch[c][i] for c in ("key", "error", *MEMBER_COLUMNS)} for i in range(len(keys))]
         return to_columns(edit_and_score(rows, self.edit_fn, self.scorer, self.save_url))
-
-
-def _resolve_model(model: str) -> str:
-    """MLflow model URIs become a local folder; paths and s3:// URIs load as they are."""
-    if model.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        from rigface.edit import resolve_model_uri
-
-        return resolve_model_uri(model)
-    return model
 
 
 # ---------------------------------------------------------------- the job

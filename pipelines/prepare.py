@@ -35,7 +35,7 @@ from rigface.config import RigFaceConfig
 from rigface.data import shards as shardio
 from rigface.data import sources, storage
 from rigface.data.sampling import frames_of, min_gap_frames, replace_failed, sample_distant_pairs
-from rigface.data.schema import PairSample, SchemaError, encode_sample, pack_sample, sample_key
+from rigface.data.schema import PairSample, encode_sample, pack_sample, sample_key
 from rigface.data.video import Video, VideoError
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def build_samples_row(row: dict[str, Any], *, n_pairs: int, min_gap_seconds: flo
                 key = sample.key
                 blobs.append(pack_sample(key, encode_sample(sample, jpeg_quality=jpeg_quality)))
                 keys.append(key)
-            except (SchemaError, ValueError, RuntimeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad pair (render, cv2, schema) is a recorded skip, not a dead job
                 skips["conditions_failed"] += 1
                 log.warning("prepare: pair dropped", extra={"video": row["video_id"], "pair": (a, b), "error": repr(exc)})
         report["frame_skips"] = dict(skips)

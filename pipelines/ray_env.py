@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import os
+import re
 
-# What workers need to reach the same S3 store and MLflow server as the driver.
+# Settings workers need to reach the same S3 store and MLflow server as the driver, and our own knobs.
 FORWARDED_PREFIXES = ("AWS_", "MLFLOW_", "RIGFACE_")
+# Never put these in a runtime_env: Ray keeps runtime_envs in plain text (GCS, dashboard, logs).
+SECRET = re.compile(r"SECRET|TOKEN|PASSWORD|SESSION|ACCESS_KEY", re.IGNORECASE)
 
 
 def forwarded_env() -> dict[str, str]:
-    """Storage/tracking settings to hand to workers of a *local* Ray.
+    """Non-secret storage/tracking settings for the workers of a *local* Ray.
 
-    On a cluster (RAY_ADDRESS set) nodes carry their own settings (Secret/ConfigMap, instance profile), and a
-    job whose runtime_env already names one of these variables would fail to start if we set it again.
+    A local Ray's workers inherit the driver's environment as it was at ``ray.init`` (credentials included);
+    this carries what was set after that (endpoints, test knobs). On a cluster (RAY_ADDRESS set) nodes carry
+    their own settings (Secret/ConfigMap, instance profile), and a job whose runtime_env already names one of
+    these variables would fail to start if we set it again.
     """
     if os.environ.get("RAY_ADDRESS"):
         return {}
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) and v}
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) and v and not SECRET.search(k)}
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -27,6 +32,5 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # KubeRay, the cluster launcher, or `ray start --head`
         return
-    env = forwarded_env()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": env} if env else None)
+    # Local: the raylet and its workers inherit this process's environment, so nothing needs forwarding.
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)

@@ -374,9 +374,9 @@ class _RankZeroTracker:
         from pipelines.train_data import image_from_chw
         from rigface.model import RigFacePipeline
 
+        model = components.model
+        was_training = model.training
         try:
-            model = components.model
-            was_training = model.training
             model.eval()
             pipe = RigFacePipeline.from_components(components)
             as_u8 = {k: np.stack([image_from_chw(x) for x in batch[k]]) for k in ("source", "render", "background")}
@@ -385,16 +385,15 @@ class _RankZeroTracker:
                            expression=batch["expression"].to(next(model.parameters()).device),
                            num_inference_steps=self.cfg.train.val_inference_steps,
                            generator=torch.Generator().manual_seed(0), output_type="np")
-            model.train(was_training)
-            edits = np.asarray(getattr(out, "images", out))
-            if edits.dtype != np.uint8:
-                edits = np.clip(edits * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            edits = np.asarray(getattr(out, "images", out))  # uint8 (N, H, W, 3)
             rows = [np.concatenate([as_u8["source"][i], as_u8["render"][i], as_u8["background"][i],
                                     image_from_chw(batch["target"][i]), edits[i]], axis=1)
                     for i in range(len(edits))]
             self.client.log_image(self.run_id, np.concatenate(rows, axis=0), artifact_file=f"val/step_{step:08d}.png")
         except Exception as exc:  # noqa: BLE001 - a failed preview must not kill the run
             log.warning("train: validation grid at step %d failed: %s", step, exc)
+        finally:
+            model.train(was_training)
 
     def log_final_model(self, components, model, ema, register_name: str | None) -> None:
         """The trained model folder (EMA weights when EMA is on) as the run's 'model' artifact."""

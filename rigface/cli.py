@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "needs_stack_env", True):
         from rigface.stack import apply_stack_env
 
+        # The config's own endpoints first (an explicit choice), then the local stack's where none is set.
+        cfg.storage.export_env()
         apply_stack_env(cfg.storage.state_dir)
     return int(args.func(args, cfg) or 0)
 

@@ -39,6 +39,21 @@ class StorageConfig(_Section):
     max_attempts: int = Field(8, ge=1, description="boto3 retry attempts on transient errors")
     mlflow_tracking_uri: str | None = None
 
+    def export_env(self, environ: dict[str, str] | None = None) -> None:
+        """Hand the configured endpoints to boto3, pyarrow and MLflow, where the environment names none."""
+        environ = os.environ if environ is None else environ
+        pairs = {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_DEFAULT_REGION": self.region,
+            "RIGFACE_S3_MAX_ATTEMPTS": str(self.max_attempts),
+            "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+        }
+        for key, value in pairs.items():
+            if value is not None and not environ.get(key):
+                environ[key] = value
+        if self.endpoint_url and not environ.get("MLFLOW_S3_ENDPOINT_URL"):
+            environ["MLFLOW_S3_ENDPOINT_URL"] = self.endpoint_url
+
 
 class PrepareConfig(_Section):
     source: str | None = None

@@ -140,7 +140,7 @@ class PortraitEditor:
             generator=generator,
             output_type="np",
         )
-        crop = _first_image(out)
+        crop = np.asarray(getattr(out, "images", out))[0]  # uint8 (H, W, 3): output_type="np"
         size = src_fit.crop.shape[0]
         if crop.shape[0] != size:
             from PIL import Image
@@ -151,11 +151,3 @@ class PortraitEditor:
         image = paste_back(source if source.ndim == 3 else np.stack([source] * 3, -1), crop, src_fit.crop_box, head)
         return EditResult(image=image, crop=crop, render=cond.render, background=cond.background)
 
-
-def _first_image(out) -> np.ndarray:
-    images = getattr(out, "images", out)
-    img = images[0] if isinstance(images, (list, tuple)) or getattr(images, "ndim", 3) == 4 else images
-    img = np.asarray(img)
-    if img.dtype != np.uint8:
-        img = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return img

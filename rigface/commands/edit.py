@@ -40,17 +40,21 @@ def run(args: argparse.Namespace, cfg: RigFaceConfig) -> int:
         t0 = time.monotonic()
         with console.status(f"editing ({args.edit}) ..."):
             result = editor.edit(source, driver, edit=args.edit, num_inference_steps=args.steps, seed=args.seed)
-    except EditError as exc:
+    except (EditError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
-    fmt = "JPEG" if args.out.lower().endswith((".jpg", ".jpeg")) else "PNG"
+    except Exception as exc:  # a model folder that does not load (CheckpointError, a bad MLflow URI, ...)
+        if type(exc).__name__ not in ("CheckpointError", "MlflowException"):
+            raise
+        console.print(f"[red]error:[/red] cannot load the model {args.model}: {exc}")
+        return 1
 
-    def save(arr, url):
+    def save(arr, url, fmt="PNG"):
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format=fmt)
         storage.write_bytes(url, buf.getvalue())
 
-    save(result.image, args.out)
+    save(result.image, args.out, "JPEG" if args.out.lower().endswith((".jpg", ".jpeg")) else "PNG")
     if args.save_conditions:
         stem = args.out.rsplit(".", 1)[0]
         save(result.render, f"{stem}.render.png")

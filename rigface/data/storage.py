@@ -284,12 +284,17 @@ def _list(u: URL, suffix: str) -> list[str]:
             str(p) for p in root.rglob("*")
             if p.is_file() and p.name.endswith(suffix) and not p.name.startswith(".")
         ]
+    # Folder semantics, as for local paths: s3://b/data lists data/..., never the sibling data-old/...;
+    # a URL naming one object lists that object.
+    folder = u.key if not u.key or u.key.endswith("/") else u.key + "/"
     out: list[str] = []
     paginator = s3_client().get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=u.bucket, Prefix=u.key):
+    for page in paginator.paginate(Bucket=u.bucket, Prefix=folder):
         for obj in page.get("Contents", []):
             if obj["Key"].endswith(suffix):
                 out.append(f"s3://{u.bucket}/{obj['Key']}")
+    if not out and u.key and not u.key.endswith("/") and u.key.endswith(suffix) and exists(u):
+        out.append(str(u))
     return out
 
 

@@ -41,7 +41,8 @@ def save_rigface(components: RigFaceComponents, path: str) -> str:
 
         with tempfile.TemporaryDirectory(prefix="rigface-save-") as tmp:
             _save_local(components, Path(tmp))
-            for f in sorted(Path(tmp).rglob("*")):
+            # The manifest goes up last: a reader that finds it finds every file it lists.
+            for f in sorted(Path(tmp).rglob("*"), key=lambda p: (p.name == MANIFEST, str(p))):
                 if f.is_file():
                     storage.upload_file(f, storage.join(path, f.relative_to(tmp).as_posix()))
         return path

@@ -27,7 +27,14 @@ def test_s3_roundtrip_multipart_range_list_delete(stack, s3_prefix, tmp_path):
         storage.write_text(storage.join(s3_prefix, "many", f"{i}.json"), str(i))
     listed = storage.list_urls(storage.join(s3_prefix, "many"))
     assert [u.rsplit("/", 1)[1] for u in listed] == ["0.json", "1.json", "2.json"]
+    # Folder semantics: a sibling whose name merely starts the same is neither listed nor deleted.
+    sibling = storage.join(s3_prefix + "-old", "keep.txt")
+    storage.write_text(sibling, "not mine")
+    assert storage.list_urls(s3_prefix + "/many") == listed
+    assert storage.list_urls(key) == [key], "a URL naming one object lists that object"
     assert storage.delete_prefix(s3_prefix) == 4
+    assert storage.read_text(sibling) == "not mine"
+    storage.delete(sibling)
     assert storage.list_urls(s3_prefix) == []
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(key)

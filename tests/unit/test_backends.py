@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-scipy_io = pytest.importorskip("scipy.io")
+import scipy.io as scipy_io
+import torch
 
 from rigface.face.backends import WeightFileMissing, WeightFormatError, preflight, required_files  # noqa: E402
 from rigface.face.config import FaceConfig  # noqa: E402
@@ -267,7 +267,6 @@ def test_bisenet_wrong_checkpoint_is_named(bisenet_state, tmp_path):
 
 # -- wired into FaceAnalyzer ---------------------------------------------------------------------------
 def test_analyzer_with_deep3d_expression_and_bisenet_mask(d3d_files, bisenet_state):
-    pytest.importorskip("mediapipe")
     from rigface.face.analyzer import FaceAnalyzer, five_points_from_landmarks
     from rigface.face.types import FaceFit
     import face_media  # tests/, on sys.path via conftest

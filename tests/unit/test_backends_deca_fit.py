@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 import face_media as fm  # noqa: E402
 from test_backends_deca import _write_chumpy_pickle  # noqa: E402

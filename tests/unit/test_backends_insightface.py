@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+import onnx  # noqa: F401 - required: the test models are built with it
+import onnxruntime  # noqa: F401
+import torch
 
 from rigface.face.backends import WeightFileMissing, WeightFormatError, make_arcface, make_scrfd  # noqa: E402
 from rigface.face.config import FaceConfig  # noqa: E402

@@ -43,18 +43,26 @@ class _ChumpyStandIn:
 
 
 class _AllowListUnpickler(pickle.Unpickler):
-    _ALLOWED_PREFIXES = ("numpy", "scipy.sparse")
-    # Plain containers and the helpers numpy/protocol-2 pickles use; nothing that runs user-chosen code.
-    _ALLOWED_BUILTINS = {("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"), ("_codecs", "encode")} | {
-        (mod, name) for mod in ("__builtin__", "builtins") for name in ("object", "set", "frozenset", "bytes")
-    }
+    """Admits exactly what a FLAME pickle holds: numpy arrays, scipy sparse matrices, chumpy stand-ins.
+
+    An explicit (module, name) list, not module prefixes: numpy itself has callables (e.g. in numpy.testing) that
+    execute strings, so "anything from numpy" would let a crafted file run code.
+    """
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"), ("_codecs", "encode"),
+    } | {(mod, name) for mod in ("__builtin__", "builtins") for name in ("object", "set", "frozenset", "bytes")}
+    _SPARSE = {"csc_matrix", "csr_matrix", "coo_matrix"}
 
     def find_class(self, module: str, name: str):
         if module.split(".")[0] == "chumpy":
             return _ChumpyStandIn
-        if (module, name) in self._ALLOWED_BUILTINS:
+        if (module, name) in self._ALLOWED:
             return super().find_class(module.replace("copy_reg", "copyreg").replace("__builtin__", "builtins"), name)
-        if module.startswith(self._ALLOWED_PREFIXES):
+        if module.startswith("scipy.sparse") and name in self._SPARSE:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a FLAME model file")
 
