@@ -35,7 +35,7 @@ from rigface.config import RigFaceConfig
 from rigface.data import shards as shardio
 from rigface.data import sources, storage
 from rigface.data.sampling import frames_of, min_gap_frames, replace_failed, sample_distant_pairs
-from rigface.data.schema import PairSample, encode_sample, pack_sample, sample_key
+from rigface.data.schema import PairSample, encode_sample, pack_sample, safe_video_id, sample_key
 from rigface.data.video import Video, VideoError
 
 log = logging.getLogger(__name__)
@@ -251,14 +251,19 @@ def plan_shards(videos: Iterable[dict[str, Any]], *, output: str, version: int, 
     """Deterministic assignment of videos to shards: per split, by sorted content hash, fixed-size groups."""
     by_split: dict[str, list[dict[str, Any]]] = defaultdict(list)
     seen = set(known)
+    ids: set[str] = set()
     dups = []
     for v in sorted(videos, key=lambda r: (r["content_hash"], r["url"])):
         if v["content_hash"] in seen:
             dups.append(v)
             continue
         seen.add(v["content_hash"])
-        v["video_id"] = sources.derive_video_id(sources.VideoRef(
+        vid = sources.derive_video_id(sources.VideoRef(
             url=v["url"], name=v["name"], source=v["source"], video_id=v.get("video_id") or None), v["content_hash"])
+        if vid in ids:  # two manifest rows naming one id: the content hash keeps their samples apart
+            vid = safe_video_id(vid, v["content_hash"])
+        ids.add(vid)
+        v["video_id"] = vid
         v["split"] = v.get("split") or sources.assign_split(v["content_hash"], val_fraction, seed)
         by_split[v["split"]].append(v)
     out: dict[str, list[dict[str, Any]]] = {}
