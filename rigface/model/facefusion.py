@@ -54,7 +54,7 @@ class FaceFusionAttnProcessor:
         identity_tokens: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None:
-            raise NotImplementedError("FaceFusion supports the SD-1.5 attention layout only (no masks, no norms)")
+            raise ValueError("FaceFusion supports the SD-1.5 attention layout only (no masks, no norms)")
         if hidden_states.ndim != 3:
             raise ValueError(f"expected (batch, tokens, channels) hidden states, got {tuple(hidden_states.shape)}")
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
