@@ -35,7 +35,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
 
 bench: install
-	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	for f in bench/[!_]*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 stack-up: install
 	$(BIN)/rigface stack up

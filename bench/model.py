@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rigface.model import ModelConfig, RigFacePipeline, build_rigface, training_step
+from rigface.model import ModelConfig, RigFacePipeline, build_rigface
 from rigface.model.facefusion import FaceFusionAttnProcessor, transformer_blocks
 
 
@@ -108,26 +108,10 @@ def gpu_rows():
     if not torch.cuda.is_available():
         return {"SD-1.5 train step, 512 px bf16 (samples/s)": "n/a (no GPU)",
                 "SD-1.5 edit, 50 UniPC steps (s/image)": "n/a (no GPU)"}
-    dev = torch.device("cuda")
-    c = build_rigface(ModelConfig(preset="sd15", resolution=512, expression_dim=64)).to(dev)
-    c.model.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(c.model.trainable_parameters(), lr=1e-5)
+    from _gpu_step import sd15_train_samples_per_s  # bench/ is on sys.path when run as a script
+
     b = 4
-    batch = {k: torch.rand(b, 3, 512, 512, device=dev) * 2 - 1 for k in ("source", "target", "render", "background")}
-    batch["expression"] = torch.randn(b, 64, device=dev)
-    times = []
-    for i in range(6):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = training_step(c, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    del opt
+    samples_per_s, c = sd15_train_samples_per_s(batch_size=b)
     c.to(dtype=torch.float16)
     pipe = RigFacePipeline.from_components(c)
     img = torch.zeros(1, 3, 512, 512)
@@ -138,7 +122,7 @@ def gpu_rows():
         pipe(img, img, img, torch.zeros(1, 64), num_inference_steps=50, output_type="pt")
         torch.cuda.synchronize()
         lat.append(time.perf_counter() - t0)
-    return {"SD-1.5 train step, 512 px bf16 (samples/s)": f"{b / statistics.median(times):.2f} (batch {b}, grad ckpt)",
+    return {"SD-1.5 train step, 512 px bf16 (samples/s)": f"{samples_per_s:.2f} (batch {b}, grad ckpt)",
             "SD-1.5 edit, 50 UniPC steps (s/image)": f"{min(lat[1:]):.3f} (fp16)"}
 
 

@@ -61,34 +61,10 @@ def gpu_row() -> str:
 
     if not torch.cuda.is_available():
         return "n/a (no GPU)"
-    from rigface.config import RigFaceConfig
-    from rigface.model import build_rigface, training_step
+    from _gpu_step import sd15_train_samples_per_s  # bench/ is on sys.path when run as a script
 
-    cfg = RigFaceConfig.model_validate({"model": {"preset": "sd15", "resolution": 512}})
-    c = build_rigface(cfg.model)
-    dev = torch.device("cuda")
-    c.model.to(dev).train()
-    c.vae.to(dev)
-    c.text_embedding = c.text_embedding.to(dev)
-    if hasattr(c.model, "enable_gradient_checkpointing"):
-        c.model.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(c.model.parameters(), lr=1e-5)
-    b = 4
-    d = cfg.model.expression_dim
-    batch = {k: torch.rand(b, 3, 512, 512, device=dev) * 2 - 1 for k in ("source", "target", "render", "background")}
-    batch["expression"] = torch.randn(b, d, device=dev)
-    times = []
-    for i in range(12):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = training_step(c, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return f"{b / statistics.median(times[2:]):.1f} samples/s (batch {b})"
+    samples_per_s, _ = sd15_train_samples_per_s(batch_size=4, steps=12)
+    return f"{samples_per_s:.1f} samples/s (batch 4)"
 
 
 def main() -> None:
