@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -51,7 +54,8 @@ def build_rigface(cfg: ModelConfig, seed: int = 0) -> RigFaceComponents:
     else:
         components = _random(cfg, seed)
     if cfg.released:
-        load_released(components.model, local_folder(cfg.released))
+        with local_folder(cfg.released) as folder:
+            load_released(components.model, folder)
     components.model.train()
     return components
 
@@ -84,15 +88,15 @@ def _frozen(vae: AutoencoderKL) -> AutoencoderKL:
 
 
 def _from_stable_diffusion(cfg: ModelConfig) -> RigFaceComponents:
-    root = local_folder(cfg.pretrained, subfolders=("unet", "vae", "scheduler", "tokenizer", "text_encoder"))
-    sd_unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-    denoise, identity = unet_configs(dict(sd_unet.config), cfg.conditioning)
-    model = RigFaceModel(denoise, identity, cfg.expression_dim, cfg.conditioning)
-    init_from_sd_unet(model, sd_unet.state_dict())
-    del sd_unet
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-    scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", prediction_type=cfg.prediction_type)
-    text = encode_prompt(root, cfg.prompt)
+    with local_folder(cfg.pretrained, subfolders=("unet", "vae", "scheduler", "tokenizer", "text_encoder")) as root:
+        sd_unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
+        denoise, identity = unet_configs(dict(sd_unet.config), cfg.conditioning)
+        model = RigFaceModel(denoise, identity, cfg.expression_dim, cfg.conditioning)
+        init_from_sd_unet(model, sd_unet.state_dict())
+        del sd_unet
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
+        scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", prediction_type=cfg.prediction_type)
+        text = encode_prompt(root, cfg.prompt)
     log.info("initialized RigFace from Stable Diffusion at %s", cfg.pretrained)
     return RigFaceComponents(model, _frozen(vae), text, scheduler, cfg)
 
@@ -132,15 +136,23 @@ def encode_prompt(root: str, prompt: str) -> torch.Tensor:
 # ---------------------------------------------------------------------- where weights live
 
 
-def local_folder(uri: str, subfolders: tuple[str, ...] | None = None) -> str:
-    """A local folder for a local path, an s3:// URI (downloaded to a temp folder) or a hub id (returned as is;
-    diffusers resolves it when the machine can reach a hub)."""
+@contextmanager
+def local_folder(uri: str, subfolders: tuple[str, ...] | None = None) -> Iterator[str]:
+    """A local folder for a local path, an s3:// URI (downloaded to a temp folder, removed on exit: SD-1.5 is
+    several GB per worker) or a hub id (yielded as is; diffusers resolves it when the machine can reach a hub)."""
     if uri.startswith("s3://"):
-        return download_folder(uri, subfolders)
+        tmp = download_folder(uri, subfolders)
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     if Path(uri).exists():
-        return uri
+        yield uri
+        return
     if uri.count("/") == 1 and not uri.startswith((".", "/")):
-        return uri  # hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'
+        yield uri  # hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'
+        return
     raise FileNotFoundError(f"model folder not found: {uri}")
 
 
