@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pickle
 import time
 from collections import Counter, defaultdict
@@ -371,9 +372,11 @@ def _run_stages(cfg: RigFaceConfig, pending: dict[str, list[dict]], n_pairs: int
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards arrive whole, one after another: bounded driver memory
     # CPU tasks take one CPU each, less when the actor pool leaves under one free (a 1-CPU box would deadlock).
+    # On a cluster (RAY_ADDRESS) the autoscaler adds nodes on demand, so today's snapshot says nothing.
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     free = float(ray.cluster_resources().get("CPU", 1)) - p.num_face_actors * p.face_actor_cpus
-    task_cpus = 1.0 if free >= 1.0 else max(0.1, round(free, 2))
-    if free <= 0:
+    task_cpus = 1.0 if on_cluster or free >= 1.0 else max(0.1, round(free, 2))
+    if free <= 0 and not on_cluster:
         raise PrepareError(f"the face actor pool ({p.num_face_actors} x {p.face_actor_cpus} CPU) takes every CPU: "
                            "lower prepare.face_actor_cpus or prepare.num_face_actors")
     rows = [dict(v, shard=url) for url, vids in pending.items() for v in vids]

@@ -113,6 +113,7 @@ class EvaluateConfig(_Section):
     lpips_net: Literal["alex", "vgg"] = "alex"
     mlflow_run_id: str | None = None
     num_actors: int = Field(1, ge=1, description="editing actors (one GPU each where GPUs exist)")
+    use_gpu: bool | None = Field(None, description="one GPU per editing actor; None: whether the cluster has GPUs now")
     actor_cpus: float = Field(0.5, gt=0.0)
     seed: int = 0
 
