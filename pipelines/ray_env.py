@@ -10,6 +10,10 @@ FORWARDED_PREFIXES = ("AWS_", "MLFLOW_", "RIGFACE_")
 # Never put these in a runtime_env: Ray keeps runtime_envs in plain text (GCS, dashboard, logs).
 SECRET = re.compile(r"SECRET|TOKEN|PASSWORD|SESSION|ACCESS_KEY", re.IGNORECASE)
 
+# Without a terminal Ray Data logs a progress block every 10 s; once a minute keeps CI and job logs readable.
+# Read when ray.data is first imported, so it is set here, before any job imports it.
+os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "60")
+
 
 def forwarded_env() -> dict[str, str]:
     """Non-secret storage/tracking settings for the workers of a *local* Ray.
