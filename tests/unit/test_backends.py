@@ -12,8 +12,8 @@ import pytest
 import scipy.io as scipy_io
 import torch
 
-from rigface.face.backends import WeightFileMissing, WeightFormatError, preflight, required_files  # noqa: E402
-from rigface.face.config import FaceConfig  # noqa: E402
+from rigface.face.backends import WeightFileMissing, WeightFormatError, preflight, required_files
+from rigface.face.config import FaceConfig
 
 
 def test_importing_face_packages_stays_light():
@@ -269,7 +269,7 @@ def test_bisenet_wrong_checkpoint_is_named(bisenet_state, tmp_path):
 def test_analyzer_with_deep3d_expression_and_bisenet_mask(d3d_files, bisenet_state):
     from rigface.face.analyzer import FaceAnalyzer, five_points_from_landmarks
     from rigface.face.types import FaceFit
-    import face_media  # tests/, on sys.path via conftest
+    import face_media  # tests/ is on pythonpath (pyproject)
 
     root = d3d_files["root"]
     state = dict(bisenet_state)
