@@ -156,16 +156,22 @@ class FaceAnalyzer:
             crop = extract_crop(rgb, box, self.cfg.crop_size)
             k = (self.cfg.crop_size / (box[2] - box[0]), self.cfg.crop_size / (box[3] - box[1]))
             face_box = tuple((v - box[i % 2]) * k[i % 2] for i, v in enumerate(chosen.box))  # in crop pixels
-            return self.fit_crop(crop, box, rgb.shape[:2], {"detection": chosen.score}, face_box=face_box)
+            five = None if chosen.keypoints is None else (np.asarray(chosen.keypoints, np.float32) - box[:2]) * k
+            return self.fit_crop(crop, box, rgb.shape[:2], {"detection": chosen.score}, face_box=face_box,
+                                 five_points=five)
         except Exception as exc:  # a model failing on one odd frame must not kill a dataset job
             log.warning("face fit failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return FaceSkip(SkipReason.fit_failed, f"{type(exc).__name__}: {exc}")
 
     def fit_crop(
         self, crop: np.ndarray, box: tuple[int, int, int, int], frame_size: tuple[int, int], scores: dict,
-        face_box: tuple[float, float, float, float] | None = None,
+        face_box: tuple[float, float, float, float] | None = None, five_points: np.ndarray | None = None,
     ) -> FaceFit | FaceSkip:
-        """face_box: the detector's tight face box in crop pixels (DECA's crop); else the landmarks' box."""
+        """face_box: the detector's tight face box in crop pixels (DECA's crop); else the landmarks' box.
+
+        five_points: the detector's five points in crop pixels (image-left eye first), which Deep3DFaceRecon is
+        aligned by, as the authors do with SCRFD's; else the landmarker's.
+        """
         lm = self.landmarker(crop)
         if lm is None:
             return FaceSkip(SkipReason.fit_failed, "the landmarker found no face in the crop")
@@ -185,7 +191,8 @@ class FaceAnalyzer:
             parts, scores = self._fit_landmarker_mesh(crop, lm, scores)
         expression = lm.blendshapes
         if self.deep3d is not None:  # the paper's 64 BFM expression coefficients, from the landmarks' five points
-            d3d = self.deep3d(crop, five_points_from_landmarks(lm.landmarks))
+            five = five_points if five_points is not None else five_points_from_landmarks(lm.landmarks)
+            d3d = self.deep3d(crop, five)
             expression = d3d.expression
             scores.update({f"deep3d_{k}": float(v) for k, v in zip(("yaw", "pitch", "roll"), d3d.angles_deg)})
         return FaceFit(

@@ -28,8 +28,12 @@ class FaceConfig(BaseModel):
     # Folder or s3:// URI with user-supplied weights for the paper-faithful backends (rigface.face.backends).
     weights: str | None = None
     # File names below are relative to `weights` unless absolute paths or URIs.
-    deep3d_checkpoint: str = Field("epoch_20.pth", description="Deep3DFaceRecon net; or d3dfr_res50_nofc.pth")
-    deep3d_input_size: int = Field(224, ge=64, description="224 for epoch_20.pth, 256 for d3dfr_res50_nofc.pth")
+    deep3d_checkpoint: str = Field(
+        "d3dfr_res50_nofc.pth", description="Face-Adapter's Deep3DFaceRecon (the authors'); or the original epoch_20.pth"
+    )
+    deep3d_input_size: int | None = Field(
+        None, ge=64, description="None: the checkpoint's own (256 for d3dfr_res50_nofc.pth, 224 for epoch_20.pth)"
+    )
     bfm_model: str = "BFM_model_front.mat"
     bfm_landmarks: str | None = Field(None, description="optional similarity_Lm3D_all.mat (else the BFM keypoints)")
     bisenet_checkpoint: str = "79999_iter.pth"

@@ -44,57 +44,147 @@ def _bfm_dict(n: int = N_BFM, seed: int = 0) -> dict:
     }
 
 
+def _random_reconnet(variant, exp_bias, angle_bias):
+    from rigface.face.backends.deep3d import ReconNet
+
+    net = ReconNet(variant)
+    with torch.no_grad():
+        for layer in net.heads:  # the published init: zero weights (so the output is the bias here)
+            layer.weight.zero_()
+            layer.bias.normal_()
+        net.heads[1].bias.copy_(exp_bias)
+        net.heads[3].bias.copy_(angle_bias)
+    return net.state_dict()
+
+
 @pytest.fixture(scope="module")
 def d3d_files(tmp_path_factory):
-    from rigface.face.backends.deep3d import ReconNet
+    from rigface.face.backends.deep3d import FACE_ADAPTER, ORIGINAL
 
     root = tmp_path_factory.mktemp("d3d")
     torch.manual_seed(0)
-    net = ReconNet()
     exp_bias = torch.linspace(-1, 1, 64)
     angle_bias = torch.tensor([0.0, 0.3, 0.0])  # a pure yaw of 0.3 rad
-    with torch.no_grad():
-        for layer in net.final_layers:  # the published init: zero weights (so the output is the bias here)
-            layer.weight.zero_()
-            layer.bias.normal_()
-        net.final_layers[1].bias.copy_(exp_bias)
-        net.final_layers[3].bias.copy_(angle_bias)
-    state = net.state_dict()
+    fa_state = _random_reconnet(FACE_ADAPTER, exp_bias, angle_bias)
+    state = _random_reconnet(ORIGINAL, exp_bias, angle_bias)
     torch.save({"net_recon": state, "epoch": 20}, root / "epoch_20.pth")
-    torch.save(state, root / "d3dfr_res50_nofc.pth")
+    torch.save({"module." + k: v for k, v in fa_state.items()}, root / "d3dfr_res50_nofc.pth")  # DataParallel names
     scipy_io.savemat(root / "BFM_model_front.mat", _bfm_dict())
-    return {"root": root, "exp": exp_bias.numpy(), "angle": angle_bias.numpy(), "state": state}
+    return {"root": root, "exp": exp_bias.numpy(), "angle": angle_bias.numpy(), "state": state, "fa_state": fa_state}
 
 
-PUBLISHED_D3D_KEYS = {
+# Face-Adapter's getd3dfr_res50 (third_party/model_resnet_d3dfr.py): torchvision ResNet-50 without fc under
+# `backbone.`, eight 1x1 conv heads under `fianl_layers.` (sic).
+FACE_ADAPTER_D3D_KEYS = {
     "backbone.conv1.weight": (64, 3, 7, 7),
     "backbone.bn1.running_mean": (64,),
     "backbone.layer1.0.downsample.0.weight": (256, 64, 1, 1),
+    "backbone.layer2.0.conv2.weight": (128, 128, 3, 3),
     "backbone.layer3.5.conv2.weight": (256, 256, 3, 3),
     "backbone.layer4.2.bn3.running_var": (2048,),
-    "final_layers.0.weight": (80, 2048, 1, 1),
-    "final_layers.1.weight": (64, 2048, 1, 1),
-    "final_layers.4.bias": (27,),
-    "final_layers.5.weight": (2, 2048, 1, 1),
-    "final_layers.6.bias": (1,),
+    "fianl_layers.0.weight": (80, 2048, 1, 1),
+    "fianl_layers.1.weight": (64, 2048, 1, 1),
+    "fianl_layers.2.bias": (80,),
+    "fianl_layers.3.weight": (3, 2048, 1, 1),
+    "fianl_layers.4.bias": (27,),
+    "fianl_layers.5.weight": (2, 2048, 1, 1),
+    "fianl_layers.6.bias": (1,),
+    "fianl_layers.7.weight": (4, 2048, 1, 1),
 }
+PUBLISHED_D3D_KEYS = {k.replace("fianl_layers", "final_layers"): v for k, v in FACE_ADAPTER_D3D_KEYS.items()
+                      if not k.startswith("fianl_layers.7")}
 
 
-def test_reconnet_key_names_match_published_checkpoint():
-    from rigface.face.backends.deep3d import NUM_COEFFS, ReconNet
+def test_reconnet_key_names_match_both_published_checkpoints():
+    from rigface.face.backends.deep3d import FACE_ADAPTER, NUM_COEFFS, ORIGINAL, ReconNet
 
-    state = ReconNet().state_dict()
+    fa = ReconNet(FACE_ADAPTER).state_dict()
+    assert {k: tuple(fa[k].shape) for k in FACE_ADAPTER_D3D_KEYS} == FACE_ADAPTER_D3D_KEYS
+    assert sum(fa[f"fianl_layers.{i}.bias"].shape[0] for i in range(8)) == 261
+    assert len([k for k in fa if k.startswith("backbone.")]) == 318  # torchvision resnet50 minus fc.weight/bias
+    orig = ReconNet(ORIGINAL).state_dict()
     for key, shape in PUBLISHED_D3D_KEYS.items():
-        assert tuple(state[key].shape) == shape, key
-    assert not any(k.startswith("backbone.fc") for k in state)  # the 'nofc' trunk
-    assert sum(state[f"final_layers.{i}.bias"].shape[0] for i in range(7)) == NUM_COEFFS == 257
+        assert tuple(orig[key].shape) == shape, key
+    assert not any(k.startswith("backbone.fc") for k in {**fa, **orig})  # the 'nofc' trunk
+    assert sum(orig[f"final_layers.{i}.bias"].shape[0] for i in range(7)) == NUM_COEFFS == 257
 
 
-def test_deep3d_regresses_expression_pose_and_lighting(d3d_files):
+FIVE = np.array([[120, 130], [180, 126], [152, 165], [127, 200], [176, 197]], np.float32)
+
+
+def test_face_adapter_variant_loads_and_yields_64_expression_coefficients(d3d_files):
     from rigface.face.backends import make_deep3d
 
+    model = make_deep3d(FaceConfig(expression="deep3d", weights=str(d3d_files["root"])))  # the default file
+    assert model.variant.name == "face_adapter" and model.input_size == 256
+    assert model.version == "face_adapter/d3dfr_res50_nofc.pth@256"
+    loaded = model.net.state_dict()
+    for key in FACE_ADAPTER_D3D_KEYS:
+        torch.testing.assert_close(loaded[key], d3d_files["fa_state"][key])
+    res = model(np.random.default_rng(1).integers(0, 255, (300, 300, 3), dtype=np.uint8), FIVE)
+    assert res.expression.shape == (64,) and res.expression.dtype == np.float32
+    np.testing.assert_allclose(res.expression, d3d_files["exp"], atol=1e-5)  # coefficients 80:144
+    assert res.coeffs["pupil"].shape == (4,)
+    np.testing.assert_allclose(res.coeffs["pupil"], d3d_files["fa_state"]["fianl_layers.7.bias"].numpy(), atol=1e-5)
+    assert res.angles_deg[0] == pytest.approx(math.degrees(0.3), abs=1e-3)
+
+
+def test_face_adapter_alignment_is_the_least_squares_similarity_onto_the_template(d3d_files):
+    from skimage.transform import SimilarityTransform
+
+    from rigface.face.backends import make_deep3d
+    from rigface.face.backends.deep3d import face_adapter_template
+
     model = make_deep3d(FaceConfig(expression="deep3d", weights=str(d3d_files["root"])))
-    assert model.input_size == 224
+    # The template written out from Face-Adapter's mean_face_lm5p_256: ((x96 + 8) * 2 + 16, y * 2).
+    x96 = np.array([30.2946, 65.5318, 48.0252, 33.5493, 62.7299])
+    y = np.array([51.6963, 51.5014, 71.7366, 92.3655, 92.2041])
+    np.testing.assert_allclose(face_adapter_template(256), np.stack([(x96 + 8) * 2 + 16, y * 2], 1), atol=1e-4)
+    rng = np.random.default_rng(7)
+    for _ in range(3):  # rotated, scaled, noisy faces: not an exact similarity, so the least squares matters
+        five = FIVE + rng.normal(0, 4, FIVE.shape).astype(np.float32)
+        ours = model.alignment((300, 300, 3), five)
+        ref = SimilarityTransform.from_estimate(five.astype(np.float64), face_adapter_template(256))
+        np.testing.assert_allclose(ours, ref.params[:2], rtol=1e-5, atol=1e-3)
+        assert abs(ours[0, 1]) > 1e-4  # a rotation is part of it (POS has none)
+    aligned, _ = model.align(np.zeros((300, 300, 3), np.uint8), FIVE)
+    assert aligned.shape == (256, 256, 3)
+
+
+def test_input_range_follows_the_variant(d3d_files):
+    from rigface.face.backends import make_deep3d
+
+    seen = {}
+    rgb = np.zeros((256, 256, 3), np.uint8)
+    rgb[:128] = 255
+    for name, ckpt in (("face_adapter", "d3dfr_res50_nofc.pth"), ("deep3d", "epoch_20.pth")):
+        model = make_deep3d(FaceConfig(expression="deep3d", weights=str(d3d_files["root"]), deep3d_checkpoint=ckpt))
+        hook = model.net.backbone.conv1.register_forward_pre_hook(lambda m, a, n=name: seen.__setitem__(n, a[0]))
+        model.regress(rgb)
+        hook.remove()
+    assert (seen["face_adapter"].min().item(), seen["face_adapter"].max().item()) == (-1.0, 1.0)
+    assert (seen["deep3d"].min().item(), seen["deep3d"].max().item()) == (0.0, 1.0)
+
+
+def test_a_checkpoint_of_neither_layout_is_refused_naming_its_keys(d3d_files, tmp_path):
+    from rigface.face.backends.deep3d import load_reconnet
+
+    odd = {k.replace("fianl_layers", "heads"): v for k, v in d3d_files["fa_state"].items()}
+    odd["fc.weight"] = torch.zeros(1000, 2048)
+    torch.save(odd, tmp_path / "odd.pth")
+    with pytest.raises(WeightFormatError, match=r"neither .*unexpected keys: fc\.weight, heads\.0\.bias"):
+        load_reconnet(tmp_path / "odd.pth")
+    torch.save({"net_recon": [1, 2]}, tmp_path / "list.pth")
+    with pytest.raises(WeightFormatError, match="not a state dict"):
+        load_reconnet(tmp_path / "list.pth")
+
+
+def test_deep3d_original_variant_regresses_expression_pose_and_lighting(d3d_files):
+    from rigface.face.backends import make_deep3d
+
+    cfg = FaceConfig(expression="deep3d", weights=str(d3d_files["root"]), deep3d_checkpoint="epoch_20.pth")
+    model = make_deep3d(cfg)
+    assert model.variant.name == "deep3d" and model.input_size == 224
     rgb = np.random.default_rng(1).integers(0, 255, (300, 300, 3), dtype=np.uint8)
     five = np.array([[120, 130], [180, 130], [150, 165], [125, 200], [175, 200]], np.float32)
     res = model(rgb, five)
@@ -105,23 +195,9 @@ def test_deep3d_regresses_expression_pose_and_lighting(d3d_files):
     assert res.lighting.shape == (9, 3) and np.isfinite(res.lighting).all()
     assert {k: v.shape[0] for k, v in res.coeffs.items()} == {"id": 80, "exp": 64, "tex": 80, "angle": 3,
                                                                "gamma": 27, "trans": 3}
+    assert res.affine[0, 1] == 0.0  # POS: scale and translation only
     xy, z = model.reconstruct(res.coeffs)
     assert xy.shape == (N_BFM, 2) and (z > 0).all()
-
-
-def test_deep3d_nofc_variant_loads_flat_state_at_256(d3d_files):
-    from rigface.face.backends import make_deep3d
-
-    cfg = FaceConfig(expression="deep3d", weights=str(d3d_files["root"]), deep3d_checkpoint="d3dfr_res50_nofc.pth",
-                     deep3d_input_size=256)
-    model = make_deep3d(cfg)
-    assert model.input_size == 256 and model.version == "d3dfr_res50_nofc.pth@256"
-    loaded = model.net.state_dict()
-    for key in PUBLISHED_D3D_KEYS:
-        torch.testing.assert_close(loaded[key], d3d_files["state"][key])
-    aligned, m = model.align(np.zeros((300, 300, 3), np.uint8), np.array(
-        [[120, 130], [180, 130], [150, 165], [125, 200], [175, 200]], np.float32))
-    assert aligned.shape == (256, 256, 3) and m.shape == (2, 3)
 
 
 def test_deep3d_lighting_matches_its_own_sh_formula():
@@ -184,7 +260,7 @@ def test_deep3d_wrong_shapes_and_missing_files_are_named(d3d_files, tmp_path):
     cfg = FaceConfig(expression="deep3d", mask="bisenet", weights=str(tmp_path))
     with pytest.raises(WeightFileMissing) as err:
         preflight(cfg)
-    assert "epoch_20.pth" in str(err.value) and "BFM_model_front.mat" in str(err.value)
+    assert "d3dfr_res50_nofc.pth" in str(err.value) and "BFM_model_front.mat" in str(err.value)
     assert "79999_iter.pth" in str(err.value)
 
 
@@ -192,7 +268,7 @@ def test_required_files_follow_the_chosen_backends():
     assert required_files(FaceConfig()) == []
     names = [n for n, _ in required_files(FaceConfig(fit="deca", expression="deep3d", mask="bisenet",
                                                      identity="arcface"))]
-    assert names == ["epoch_20.pth", "BFM_model_front.mat", "79999_iter.pth", "antelopev2", "deca_model.tar",
+    assert names == ["d3dfr_res50_nofc.pth", "BFM_model_front.mat", "79999_iter.pth", "antelopev2", "deca_model.tar",
                      "generic_model.pkl"]
     with pytest.raises(WeightFileMissing, match="face.weights"):
         preflight(FaceConfig(mask="bisenet"))  # a relative name with no weights folder
@@ -283,7 +359,7 @@ def test_analyzer_with_deep3d_expression_and_bisenet_mask(d3d_files, bisenet_sta
     analyzer.close()
     assert isinstance(fit, FaceFit), fit
     np.testing.assert_allclose(fit.expression, d3d_files["exp"], atol=1e-5)
-    assert fit.backends["expression"] == "deep3d:epoch_20.pth@224"
+    assert fit.backends["expression"] == "deep3d:face_adapter/d3dfr_res50_nofc.pth@256"
     assert fit.backends["mask"] == "bisenet:79999_iter.pth@128"
     assert (fit.mask == 255).all()
     assert fit.scores["deep3d_yaw"] == pytest.approx(math.degrees(0.3), abs=1e-3)

@@ -1,12 +1,17 @@
-"""Deep3DFaceRecon (Deng et al. 2019): ResNet-50 regressor of 257 BFM coefficients, and the BFM face model.
+"""Deep3DFaceRecon (Deng et al. 2019): ResNet-50 regressor of BFM coefficients, and the BFM face model.
 
-Checkpoints: `epoch_20.pth` (a dict whose 'net_recon' entry is the ReconNetWrapper state dict, 224 px input)
-and the flat `d3dfr_res50_nofc.pth` variant the RigFace authors use (256 px input, focal 1015*256/224).
-Both hold `backbone.*` (torchvision ResNet-50 without fc) and `final_layers.{0..6}.*` (1x1 convs giving
-id 80, exp 64, tex 80, angles 3, SH gamma 27, translation 2 + 1). Input: RGB in [0, 1], no mean/std.
+Two checkpoint layouts, told apart by their keys (both: `backbone.*` = torchvision's ResNet-50 without fc):
+- `face_adapter`: Face-Adapter's `d3dfr_res50_nofc.pth`, the one the RigFace authors use. Eight 1x1-conv heads
+  under `fianl_layers.{0..7}` (sic, the published spelling): id 80, exp 64, tex 80, angle 3, gamma 27, t 2,
+  t 1, pupil 4 (261 outputs). Input 256 px RGB in [-1, 1]; the five points are mapped by a least-squares
+  similarity (with rotation) onto the ArcFace template scaled to 256 (ARCFACE_TEMPLATE x 2, +16 px in x:
+  Face-Adapter's `mean_face_lm5p_256`), bilinear warp.
+- `deep3d`: the original `epoch_20.pth` (a dict whose 'net_recon' entry is the ReconNetWrapper state dict),
+  seven heads under `final_layers.{0..6}` (257 outputs). Input 224 px RGB in [0, 1]; alignment by POS: the five
+  points are fitted to the BFM's five 3D landmarks (scale + translation, no rotation), the image is rescaled so
+  that the face has the training size (102 px at 224) and cropped around it.
+Both regress the same BFM basis; expression = coefficients 80:144.
 Face model: `BFM_model_front.mat` (meanshape, idBase, exBase, meantex, texBase, tri, point_buf, keypoints).
-Alignment: the five points are fitted to the BFM's five 3D landmarks (POS: scale + translation), the image
-is rescaled so that the face has the training size (102 px at 224) and cropped around it.
 """
 
 from __future__ import annotations
@@ -28,24 +33,58 @@ log = logging.getLogger(__name__)
 
 COEFF_SPLITS = {"id": 80, "exp": 64, "tex": 80, "angle": 3, "gamma": 27, "trans": 3}
 NUM_COEFFS = sum(COEFF_SPLITS.values())  # 257
-_HEAD_DIMS = (80, 64, 80, 3, 27, 2, 1)  # final_layers order in the published checkpoints
 TRAIN_SIZE = 224
 FOCAL_224 = 1015.0
 RESCALE_224 = 102.0
 CAMERA_DISTANCE = 10.0
 
 
-class ReconNet(nn.Module):
-    """Deep3DFaceRecon's ReconNetWrapper (use_last_fc=False): ResNet-50 trunk + seven 1x1 conv heads."""
+@dataclass(frozen=True)
+class Variant:
+    """One published Deep3DFaceRecon checkpoint layout and how its input is made."""
 
-    def __init__(self):
+    name: str
+    head_attr: str  # the ModuleList's attribute name in the checkpoint
+    heads: tuple[int, ...]
+    input_size: int
+    input_range: tuple[float, float]  # pixel 0 -> [0], pixel 255 -> [1]
+    alignment: str  # "similarity" (least squares, with rotation) or "pos"
+
+
+FACE_ADAPTER = Variant("face_adapter", "fianl_layers", (80, 64, 80, 3, 27, 2, 1, 4), 256, (-1.0, 1.0), "similarity")
+ORIGINAL = Variant("deep3d", "final_layers", (80, 64, 80, 3, 27, 2, 1), 224, (0.0, 1.0), "pos")
+VARIANTS = {v.name: v for v in (FACE_ADAPTER, ORIGINAL)}
+
+
+class ReconNet(nn.Module):
+    """ResNet-50 trunk + 1x1 conv heads on the pooled feature, named as in the variant's checkpoint."""
+
+    def __init__(self, variant: Variant = FACE_ADAPTER):
         super().__init__()
+        self.variant = variant
         self.backbone = resnet50(num_classes=None)
-        self.final_layers = nn.ModuleList([nn.Conv2d(2048, d, 1, bias=True) for d in _HEAD_DIMS])
+        setattr(self, variant.head_attr, nn.ModuleList([nn.Conv2d(2048, d, 1, bias=True) for d in variant.heads]))
+
+    @property
+    def heads(self) -> nn.ModuleList:
+        return getattr(self, self.variant.head_attr)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat = self.backbone.avgpool(self.backbone.features(x)[-1])
-        return torch.flatten(torch.cat([layer(feat) for layer in self.final_layers], 1), 1)
+        return torch.flatten(torch.cat([layer(feat) for layer in self.heads], 1), 1)
+
+
+def variant_of(state: dict, source: str = "checkpoint") -> Variant:
+    """The layout a state dict has, from its keys; WeightFormatError naming the keys that fit neither."""
+    for v in VARIANTS.values():
+        if any(k.startswith(v.head_attr + ".") for k in state):
+            return v
+    odd = sorted(k for k in state if not k.startswith("backbone."))
+    shown = ", ".join(odd[:6]) + (f" (+{len(odd) - 6} more)" if len(odd) > 6 else "")
+    raise WeightFormatError(
+        f"{source} is neither Deep3DFaceRecon layout (Face-Adapter's d3dfr_res50_nofc.pth with fianl_layers.0-7, "
+        f"or epoch_20.pth with final_layers.0-6); unexpected keys: {shown or 'none besides backbone.*'}"
+    )
 
 
 def split_coeffs(coeffs: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
@@ -61,12 +100,15 @@ def split_coeffs(coeffs: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def load_reconnet(path: str | Path) -> ReconNet:
+    """Either published layout (see the module doc), chosen by the file's keys; exact keys and shapes."""
     obj = load_torch_checkpoint(Path(path))
     if not isinstance(obj, dict):
         raise WeightFormatError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    state = obj.get("net_recon", obj)  # epoch_20.pth wraps it; the nofc variant is flat
+    state = obj.get("net_recon", obj)  # epoch_20.pth wraps it; Face-Adapter's file is flat
+    if not isinstance(state, dict):
+        raise WeightFormatError(f"{path}: 'net_recon' is a {type(state).__name__}, not a state dict")
     state = strip_prefix(state, "module.")
-    net = ReconNet()
+    net = ReconNet(variant_of(state, str(path)))
     load_exact(net, state, str(path))
     return net.eval()
 
@@ -216,41 +258,83 @@ def alignment_matrix(five_points: np.ndarray, image_height: int, lm3d5: np.ndarr
     return np.array([[k, 0.0, -left], [0.0, k, -up]], np.float32)
 
 
+def similarity_lstsq(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """2x3 similarity [[a, -b, tx], [b, a, ty]] minimising sum |M src + t - dst|^2 (rotation allowed).
+
+    The linear least-squares problem Face-Adapter's get_affine_transform solves by its normal equations.
+    """
+    p, q = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    n = len(p)
+    a = np.zeros((2 * n, 4))
+    a[0::2] = np.stack([p[:, 0], -p[:, 1], np.ones(n), np.zeros(n)], 1)
+    a[1::2] = np.stack([p[:, 1], p[:, 0], np.zeros(n), np.ones(n)], 1)
+    (ca, cb, tx, ty), *_ = np.linalg.lstsq(a, q.reshape(-1), rcond=None)
+    if not np.isfinite([ca, cb, tx, ty]).all() or math.hypot(ca, cb) <= 1e-8:
+        raise ValueError("degenerate five points: no similarity to the template")
+    return np.array([[ca, -cb, tx], [cb, ca, ty]], np.float64)
+
+
+def face_adapter_template(size: int = 256) -> np.ndarray:
+    """Face-Adapter's `mean_face_lm5p_256`: the ArcFace 112-px template x 2, +16 px in x (other sizes: scaled)."""
+    from rigface.face.backends.insightface import ARCFACE_TEMPLATE
+
+    t = ARCFACE_TEMPLATE.astype(np.float64) * 2.0 + np.array([16.0, 0.0])
+    return t * (size / 256.0)
+
+
 @dataclass
 class Deep3DResult:
-    coeffs: dict[str, np.ndarray]  # split 257 coefficients
-    expression: np.ndarray  # (64,) float32
+    coeffs: dict[str, np.ndarray]  # split 257 coefficients (+ 'pupil' (4,) for the Face-Adapter variant)
+    expression: np.ndarray  # (64,) float32 = coefficients 80:144
     angles_deg: tuple[float, float, float]  # project convention (yaw, pitch, roll)
     lighting: np.ndarray  # (9, 3) project SH lighting
     affine: np.ndarray  # 2x3 image -> network input
 
 
 class Deep3DFaceRecon:
-    """`Deep3DFaceRecon(checkpoint, bfm)(rgb, five_points) -> Deep3DResult`. Thread-safe (serialised)."""
+    """`Deep3DFaceRecon(checkpoint, bfm)(rgb, five_points) -> Deep3DResult`. Thread-safe (serialised).
+
+    The variant (input size, range, alignment) follows the checkpoint's layout; `input_size` overrides the size.
+    """
 
     name = "deep3d"
 
     def __init__(self, checkpoint: str | Path, bfm: str | Path, lm3d: str | Path | None = None,
-                 input_size: int = TRAIN_SIZE, device: str = "cpu"):
+                 input_size: int | None = None, device: str = "cpu"):
         self.bfm = load_bfm(bfm)
         self.lm3d5 = load_lm3d(lm3d) if lm3d is not None else self.bfm.five_points_3d()
         self.net = load_reconnet(checkpoint).to(device)
-        self.input_size = int(input_size)
+        self.variant = self.net.variant
+        self.input_size = int(input_size or self.variant.input_size)
         self.device = device
-        self.version = f"{Path(checkpoint).name}@{self.input_size}"
+        self.version = f"{self.variant.name}/{Path(checkpoint).name}@{self.input_size}"
         self._lock = threading.Lock()
+
+    def alignment(self, rgb_shape: tuple[int, ...], five_points: np.ndarray) -> np.ndarray:
+        """2x3 affine from image pixels to the network input, by the variant's rule."""
+        if self.variant.alignment == "similarity":
+            return similarity_lstsq(five_points, face_adapter_template(self.input_size)).astype(np.float32)
+        return alignment_matrix(five_points, rgb_shape[0], self.lm3d5, self.input_size)
 
     def align(self, rgb: np.ndarray, five_points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import cv2
 
-        m = alignment_matrix(five_points, rgb.shape[0], self.lm3d5, self.input_size)
+        m = self.alignment(rgb.shape, five_points)
         size = self.input_size
-        aligned = cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT)
+        # Face-Adapter warps bilinearly; Deep3DFaceRecon resizes with PIL's bicubic.
+        interp = cv2.INTER_LINEAR if self.variant.alignment == "similarity" else cv2.INTER_CUBIC
+        aligned = cv2.warpAffine(rgb, m, (size, size), flags=interp, borderMode=cv2.BORDER_CONSTANT)
         return aligned, m
+
+    def to_input(self, aligned_rgb: np.ndarray) -> torch.Tensor:
+        """(1, 3, S, S) float: pixels 0..255 mapped linearly onto the variant's input range."""
+        lo, hi = self.variant.input_range
+        x = torch.from_numpy(np.ascontiguousarray(aligned_rgb)).float().div(255.0).permute(2, 0, 1)[None]
+        return x * (hi - lo) + lo
 
     @torch.no_grad()
     def regress(self, aligned_rgb: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(aligned_rgb)).float().div(255.0).permute(2, 0, 1)[None]
+        x = self.to_input(aligned_rgb)
         with self._lock:
             out = self.net(x.to(self.device))
         return out[0].float().cpu().numpy()
@@ -259,10 +343,12 @@ class Deep3DFaceRecon:
         from rigface.face.geometry import euler_from_rotation
 
         aligned, m = self.align(rgb, five_points)
-        c = split_coeffs(self.regress(aligned))
+        out = self.regress(aligned)
+        c = split_coeffs(out[:NUM_COEFFS])
+        if out.shape[0] > NUM_COEFFS:
+            c["pupil"] = out[NUM_COEFFS:].astype(np.float32)
         yaw, pitch, roll = euler_from_rotation(rotation(c["angle"]))
         return Deep3DResult(c, c["exp"].copy(), (yaw, pitch, roll), gamma_to_lighting(c["gamma"]), m)
-
     def reconstruct(self, coeffs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Posed vertices projected into the network input ((N, 2) pixels, y down) and their depth (N,)."""
         v = self.bfm.shape(coeffs["id"], coeffs["exp"]) @ rotation(coeffs["angle"]).T + coeffs["trans"]
