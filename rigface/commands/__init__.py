@@ -1,4 +1,5 @@
-"""CLI subcommands: one module each, exposing ``register(subparsers)``; ``rigface.cli`` wires them."""
+"""rigface's own CLI subcommands (those that need no Ray): one module each, exposing ``register(subparsers)``.
 
-# Order is the order `rigface --help` lists them.
-COMMANDS = ("stack", "prepare", "shards", "train", "edit", "evaluate")
+Every subcommand, these and the job commands in ``pipelines.commands``, is declared in pyproject.toml's
+``rigface.commands`` entry-point group; ``rigface.cli`` builds the one parser from that group.
+"""

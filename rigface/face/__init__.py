@@ -24,7 +24,7 @@ _EXPORTS = {
     "pose_distance": "rigface.face.metrics",
     "expression_distance": "rigface.face.metrics",
     "lighting_distance": "rigface.face.metrics",
-    "BackendUnavailable": "rigface.face.detect",
+    "BackendUnavailable": "rigface.face.types",
     "FaceModelMissing": "rigface.face.assets",
     "FaceFit": "rigface.face.types",
     "FaceSkip": "rigface.face.types",
@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from rigface.face.assets import FaceModelMissing
     from rigface.face.conditions import build_conditions, render_fit
     from rigface.face.config import FaceConfig
-    from rigface.face.detect import BackendUnavailable
+    from rigface.face.types import BackendUnavailable
     from rigface.face.identity import IdentityEmbedder, identity_distance
     from rigface.face.metrics import expression_distance, lighting_distance, pose_distance
     from rigface.face.paste import paste_back

@@ -8,8 +8,8 @@ import numpy as np
 
 from rigface.face import assets, geometry
 from rigface.face.config import FaceConfig
-from rigface.face.detect import BackendUnavailable, Detection, crop_box_for, extract_crop, make_detector
-from rigface.face.types import MESH_VERTICES, FaceFit, FaceSkip, Pose, SkipReason
+from rigface.face.detect import crop_box_for, extract_crop, make_detector
+from rigface.face.types import MESH_VERTICES, BackendUnavailable, Detection, FaceFit, FaceSkip, Pose, SkipReason
 
 log = logging.getLogger(__name__)
 

@@ -9,33 +9,12 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from rigface.face import assets
-
-
-class BackendUnavailable(RuntimeError):
-    """A configured backend needs weights or packages that are not available here."""
-
-
-@dataclass(frozen=True)
-class Detection:
-    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in frame pixels
-    score: float
-    keypoints: np.ndarray | None = None  # (5, 2): right eye, left eye, nose, right mouth, left mouth (YuNet order)
-
-    @property
-    def size(self) -> float:
-        x0, y0, x1, y1 = self.box
-        return max(x1 - x0, y1 - y0)
-
-    @property
-    def area(self) -> float:
-        x0, y0, x1, y1 = self.box
-        return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+from rigface.face.types import BackendUnavailable, Detection
 
 
 class Detector(Protocol):

@@ -9,7 +9,8 @@ import numpy as np
 
 from rigface.face import assets
 from rigface.face.config import FaceConfig
-from rigface.face.detect import BackendUnavailable, YuNetDetector
+from rigface.face.detect import YuNetDetector
+from rigface.face.types import BackendUnavailable
 
 
 class SFaceEmbedder:

@@ -113,7 +113,7 @@ def make_mask_backend(name: str, cfg=None) -> MaskBackend:
         from rigface.face.backends import make_bisenet
 
         return make_bisenet(cfg)
-    from rigface.face.detect import BackendUnavailable
+    from rigface.face.types import BackendUnavailable
 
     raise BackendUnavailable(f"mask backend {name!r} needs user-supplied weights (pass the FaceConfig)")
 

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from rigface.commands import train as train_cmd
+from pipelines.commands import train as train_cmd
 from rigface.config import load_config
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rigface.face.backends.weights import WeightFileMissing, WeightFormatError, local_path
-from rigface.face.detect import Detection
+from rigface.face.types import Detection
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from rigface.face.assets import FaceModelMissing
 from rigface.face.config import FaceConfig
-from rigface.face.detect import BackendUnavailable
+from rigface.face.types import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
