@@ -92,8 +92,11 @@ class FaceAnalyzer:
 
             self.deca = make_deca(cfg)
         self.mesh = assets.canonical_mesh()
+        self.crop_policy = cfg.crop_policy if cfg.crop_policy != "auto" else (
+            "paper" if cfg.detector == "insightface" else "default")
         self.backends = {
             "detector": f"{self.detector.name}:{self.detector.version}",
+            "crop": self.crop_policy,
             "fit": f"{self.landmarker.name}:{self.landmarker.version}",
             "expression": f"deep3d:{self.deep3d.version}" if self.deep3d is not None else "blendshapes52",
             "lighting": "sh9-least-squares",
@@ -148,15 +151,23 @@ class FaceAnalyzer:
             chosen = self.choose(self.detect(rgb))
             if isinstance(chosen, FaceSkip):
                 return chosen
-            box = tuple(int(v) for v in crop_box) if crop_box is not None else crop_box_for(
-                chosen, self.cfg.crop_scale, self.cfg.crop_step
-            )
-            if box[2] - box[0] < 8 or box[3] - box[1] < 8:
-                return FaceSkip(SkipReason.bad_image, f"crop box {box} is degenerate")
-            crop = extract_crop(rgb, box, self.cfg.crop_size)
-            k = (self.cfg.crop_size / (box[2] - box[0]), self.cfg.crop_size / (box[3] - box[1]))
-            face_box = tuple((v - box[i % 2]) * k[i % 2] for i, v in enumerate(chosen.box))  # in crop pixels
-            five = None if chosen.keypoints is None else (np.asarray(chosen.keypoints, np.float32) - box[:2]) * k
+            if crop_box is None and self.crop_policy == "paper":
+                from rigface.face.backends.insightface import paper_crop
+
+                crop, m, box = paper_crop(rgb, chosen.box, self.cfg.crop_size)
+            else:
+                box = tuple(int(v) for v in crop_box) if crop_box is not None else crop_box_for(
+                    chosen, self.cfg.crop_scale, self.cfg.crop_step
+                )
+                if box[2] - box[0] < 8 or box[3] - box[1] < 8:
+                    return FaceSkip(SkipReason.bad_image, f"crop box {box} is degenerate")
+                crop = extract_crop(rgb, box, self.cfg.crop_size)
+                kx, ky = self.cfg.crop_size / (box[2] - box[0]), self.cfg.crop_size / (box[3] - box[1])
+                m = np.array([[kx, 0.0, -kx * box[0]], [0.0, ky, -ky * box[1]]])
+            corners = np.array(chosen.box, np.float64).reshape(2, 2) @ m[:, :2].T + m[:, 2]
+            face_box = tuple(float(v) for v in corners.ravel())  # in crop pixels
+            five = None if chosen.keypoints is None else (
+                np.asarray(chosen.keypoints, np.float64) @ m[:, :2].T + m[:, 2]).astype(np.float32)
             return self.fit_crop(crop, box, rgb.shape[:2], {"detection": chosen.score}, face_box=face_box,
                                  five_points=five)
         except Exception as exc:  # a model failing on one odd frame must not kill a dataset job

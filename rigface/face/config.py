@@ -19,6 +19,10 @@ class FaceConfig(BaseModel):
     multi_face: Literal["largest", "skip"] = "largest"
     min_face_size: int = Field(64, ge=1, description="smallest face box side, in source pixels")
     min_confidence: float = Field(0.6, ge=0.0, le=1.0)
+    crop_policy: Literal["auto", "default", "paper"] = Field(
+        "auto", description="paper: the authors' crop (2.18 x box width, box centre, bilinear); auto: paper with "
+        "detector=insightface, else default (crop_scale, crop_step)"
+    )
     crop_scale: float = Field(2.2, gt=1.0, description="crop side / face box side; >1 keeps partial background")
     crop_step: float = Field(
         0.05, ge=0.0, lt=0.5, description="crop-box snapping step (fraction of the side): stable crops across frames"

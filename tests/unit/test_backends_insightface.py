@@ -159,3 +159,26 @@ def test_missing_or_broken_pack_is_named(packs, tmp_path):
     (tmp_path / "broken" / "det_10g.onnx").write_bytes(b"\x00garbage")
     with pytest.raises(WeightFormatError, match="det_10g.onnx"):
         make_scrfd(FaceConfig(detector="insightface", weights=str(tmp_path), insightface_pack="broken"))
+
+
+def test_paper_crop_is_the_authors_square_around_the_box_centre():
+    from rigface.face.backends.insightface import PAPER_CROP_SCALE, paper_crop, paper_crop_matrix
+
+    assert PAPER_CROP_SCALE == pytest.approx(2.1818, abs=1e-4)
+    box = (200.0, 150.0, 300.0, 290.0)  # w 100, h 140: only the width sets the side
+    m = paper_crop_matrix(box)
+    # The authors' construction: the square of half-side 0.75 w around the box centre lands on [80, 432].
+    cx, cy, h = 250.0, 220.0, 75.0
+    corners = np.array([[cx - h, cy - h], [cx - h, cy + h], [cx + h, cy + h], [cx + h, cy - h]])
+    np.testing.assert_allclose(corners @ m[:, :2].T + m[:, 2], [[80, 80], [80, 432], [432, 432], [432, 80]], atol=1e-9)
+    assert m[0, 1] == m[1, 0] == 0.0  # no rotation
+    img = np.zeros((480, 640, 3), np.uint8)
+    img[218:223, 248:253] = 255  # a dot on the box centre
+    crop, m2, square = paper_crop(img, box)
+    np.testing.assert_array_equal(m2, m)
+    ys, xs = np.nonzero(crop[..., 0] > 127)
+    assert abs(xs.mean() - 256) < 2 and abs(ys.mean() - 256) < 2
+    assert square[2] - square[0] == pytest.approx(PAPER_CROP_SCALE * 100, abs=1) and square[3] - square[1] == square[2] - square[0]
+    assert (square[0] + square[2]) / 2 == pytest.approx(cx, abs=1) and (square[1] + square[3]) / 2 == pytest.approx(cy, abs=1)
+    with pytest.raises(ValueError, match="no width"):
+        paper_crop_matrix((10, 10, 10, 50))

@@ -249,3 +249,39 @@ class ArcFaceEmbedder:
             c = rgb[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
             aligned = cv2.resize(c, (self.size, self.size), interpolation=cv2.INTER_AREA)
         return self.embed_aligned(aligned)
+
+
+# -- the authors' crop (policy "paper") ---------------------------------------------------------------------
+# Their preprocess maps the square of half-side 0.75 x box width around the SCRFD box centre onto
+# [80, 432] of a 512 crop (a similarity from the 4 corners; no rotation for an axis-aligned square): the crop
+# side is 1.5 w x 512 / 352 = 2.18 x the box width. The box height plays no part; cv2 bilinear, black outside.
+PAPER_HALF_SIDE = 0.75  # x box width, the square's half side that lands on the template box
+PAPER_TEMPLATE_BOX = (80.0, 432.0)  # where that square lands in the 512 crop
+PAPER_CROP_SCALE = 2 * PAPER_HALF_SIDE * 512.0 / (PAPER_TEMPLATE_BOX[1] - PAPER_TEMPLATE_BOX[0])  # 2.1818...
+
+
+def paper_crop_matrix(box: tuple[float, float, float, float], size: int = 512) -> np.ndarray:
+    """2x3 affine from frame pixels to the size x size crop, as the authors' preprocess (cv2 pixel convention)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w = x1 - x0
+    if not np.isfinite(w) or w <= 0:
+        raise ValueError(f"face box {box} has no width")
+    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    lo, hi = (v * size / 512.0 for v in PAPER_TEMPLATE_BOX)
+    k = (hi - lo) / (2 * PAPER_HALF_SIDE * w)
+    return np.array([[k, 0.0, lo - k * (cx - PAPER_HALF_SIDE * w)], [0.0, k, lo - k * (cy - PAPER_HALF_SIDE * w)]])
+
+
+def paper_crop(rgb: np.ndarray, box: tuple[float, float, float, float], size: int = 512
+               ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    """(crop, 2x3 frame->crop affine, the crop's square in frame pixels rounded to ints) for a detector box."""
+    import cv2
+
+    m = paper_crop_matrix(box, size)
+    crop = cv2.warpAffine(np.ascontiguousarray(rgb), m, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    k, tx, ty = m[0, 0], m[0, 2], m[1, 2]
+    x0, y0 = -tx / k, -ty / k
+    side = size / k
+    square = (int(round(x0)), int(round(y0)), int(round(x0 + side)), int(round(y0 + side)))
+    return crop, m, square
