@@ -99,9 +99,9 @@ class FaceAnalyzer:
             "crop": self.crop_policy,
             "fit": f"{self.landmarker.name}:{self.landmarker.version}",
             "expression": f"deep3d:{self.deep3d.version}" if self.deep3d is not None else "blendshapes52",
-            "lighting": "sh9-least-squares",
+            "lighting": "sh9-robust-skin",
             "mask": f"{self.masker.name}:{self.masker.version}",
-            "renderer": "rigface-numpy-raster",
+            "renderer": "rigface-head-numba",
         }
         if self.deca is not None:
             self.backends.update({"fit": f"deca:{self.deca.version}+flame", "lighting": "deca-sh9",

@@ -8,8 +8,9 @@ import numpy as np
 
 from rigface.face import assets, geometry
 from rigface.face.mask import composite_background
+from rigface.face.head import head_mesh
 from rigface.face.render import render_lambertian
-from rigface.face.types import FaceFit, PairConditions
+from rigface.face.types import MESH_VERTICES, FaceFit, PairConditions
 
 Edit = Literal["expression", "pose", "lighting", "all"]
 EDITS = ("expression", "pose", "lighting", "all")
@@ -27,11 +28,12 @@ def render_fit(shape_fit: FaceFit, pose_fit: FaceFit, light_fit: FaceFit, size: 
         from rigface.face.backends.deca_fit import render_deca
 
         return render_deca(shape_fit, pose_fit, light_fit, expression_fit or shape_fit, size)
-    mesh = assets.canonical_mesh()
+    proxy = head_mesh()  # the face mesh grown to forehead, skull and jaw (rigface.face.head)
     scale, rot, t = geometry.decompose_matrix(pose_fit.transform)
     k = size / pose_fit.crop_size  # crops of another size: rescale the pose into this frame
-    posed = geometry.pose_mesh(_shape_of(shape_fit), scale * k, rot, t * k)
-    image, _ = render_lambertian(posed, mesh.triangles, shape_fit.albedo, light_fit.lighting, size)
+    posed = geometry.pose_mesh(proxy.extend(_shape_of(shape_fit)), scale * k, rot, t * k)
+    albedo = proxy.extend_albedo(shape_fit.albedo[:MESH_VERTICES])
+    image, _ = render_lambertian(posed, proxy.triangles, albedo, light_fit.lighting, size)
     return image
 
 

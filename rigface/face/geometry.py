@@ -131,35 +131,77 @@ def sample_colors(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
     )
 
 
+def _skin_chroma(colors: np.ndarray) -> np.ndarray:
+    """Plausible skin under roughly white light: not clipped or black, red >= green >= blue-ish chroma.
+
+    A generic prior (rg-chromaticity box around the skin locus), used only to reject occluders of other
+    colours (microphones, sleeves, glasses frames, blocks); it is dropped when it would reject most of a face.
+    """
+    s = colors.sum(1)
+    r = colors[:, 0] / np.maximum(s, 1e-6)
+    g = colors[:, 1] / np.maximum(s, 1e-6)
+    return (s > 0.15) & (colors.max(1) < 0.985) & (r >= 0.34) & (r <= 0.62) & (g >= 0.26) & (g <= 0.37)
+
+
+# Ridge per SH band, per vertex: the first band (directional light) is nearly free, the second (its shape)
+# is held towards zero, so that light seen on part of the face extrapolates smoothly to the rest.
+_BAND_RIDGE = np.array([1e-5] + [1e-3] * 3 + [1e-2] * 5)
+
+
+_IRLS_STEPS = 10
+_TUKEY_C = 3.0
+
+
+def _solve_lighting(basis: np.ndarray, colors: np.ndarray, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+    a = basis[idx] * ALBEDO_LEVEL
+    aw = a * w[:, None]
+    return np.linalg.solve(aw.T @ a + w.sum() * np.diag(_BAND_RIDGE), aw.T @ colors[idx])
+
+
 def fit_lighting(
-    image: np.ndarray, mesh_image: np.ndarray, normals_view: np.ndarray, min_facing: float = 0.3
+    image: np.ndarray, mesh_image: np.ndarray, normals_view: np.ndarray, min_facing: float = 0.3,
+    keep: float = 0.6,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Least-squares SH lighting (9, 3) and per-vertex albedo (468, 3) from the pixels under the mesh.
+    """Robust SH lighting (9, 3) and a template skin albedo (468, 3) from the pixels under the mesh.
 
     Lambertian model colour = albedo * (SH(n) . L). Albedo and lighting share a scale, so the lighting is
-    fitted with a uniform albedo ALBEDO_LEVEL, then a per-vertex albedo explains the rest. One robust pass
-    drops the 20% worst-fitting vertices (eyes, brows, lips, specular spots). Returns (lighting, albedo, rmse).
+    fitted with a uniform albedo ALBEDO_LEVEL on skin vertices only (no eyes, brows, lips), and the albedo is
+    a model, not the pixels: one robust skin colour, the lips tinted by a template (head.template_albedo).
+    So whatever covers the face (a hand, a microphone, hair strands, glasses) cannot be painted into the
+    render; it can only pull the lighting and the skin colour, which the fit guards against with a skin
+    chroma prior and a multi-start least-trimmed-squares fit (starts on the whole face and on each half,
+    each concentrated onto its best `keep` share of vertices; the lowest trimmed cost wins), so an occluder
+    over up to about half of the face is an outlier. Returns (lighting, albedo, rmse on the inliers).
     """
-    facing = normals_view[:, 2] > min_facing
-    if facing.sum() < 30:
-        raise ValueError(f"only {int(facing.sum())} mesh vertices face the camera")
-    colors = sample_colors(image, mesh_image[:, :2])
-    basis = sh_basis(normals_view)
-    idx = np.flatnonzero(facing)
-    for _ in range(2):
-        a = basis[idx] * ALBEDO_LEVEL
-        # A small ridge keeps the high bands sane when only a narrow cone of normals is visible.
-        reg = 1e-3 * np.eye(9)
-        lighting = np.linalg.solve(a.T @ a + reg, a.T @ colors[idx])
-        resid = np.abs(a @ lighting - colors[idx]).sum(1)
-        keep = resid <= np.quantile(resid, 0.8)
-        idx_final, idx = idx, idx[keep]
-    rmse = float(np.sqrt(np.mean((basis[idx_final] * ALBEDO_LEVEL @ lighting - colors[idx_final]) ** 2)))
-    shading = basis @ lighting
-    albedo = np.clip(colors / np.maximum(shading, 1e-3), 0.0, 1.0)
-    median = np.median(albedo[facing], axis=0)
-    albedo[~facing] = median  # unseen vertices get the typical skin albedo
-    return lighting.astype(np.float32), albedo.astype(np.float32), rmse
+    from rigface.face import head
+
+    skin, _ = head.face_regions()
+    facing = normals_view[:MESH_VERTICES, 2] > min_facing
+    cand = np.flatnonzero(facing & skin)
+    if len(cand) < 30:
+        raise ValueError(f"only {len(cand)} skin vertices of the mesh face the camera")
+    colors = sample_colors(image, mesh_image[:MESH_VERTICES, :2]).astype(np.float64)
+    basis = sh_basis(normals_view[:MESH_VERTICES]).astype(np.float64)
+    plausible = cand[_skin_chroma(colors[cand])]
+    if len(plausible) >= max(30, len(cand) // 4):  # a gray, tinted or oddly lit frame keeps every vertex
+        cand = plausible
+    # Start from a constant light that reproduces the median skin colour (the majority of the face), then
+    # iteratively reweighted least squares with Tukey's biweight: vertices far off the fitted light get no say.
+    lighting = np.zeros((9, 3))
+    lighting[0] = np.median(colors[cand], axis=0) / (ALBEDO_LEVEL * 0.2820948)
+    w = np.ones(len(cand))
+    for _ in range(_IRLS_STEPS):
+        resid = np.abs(basis[cand] * ALBEDO_LEVEL @ lighting - colors[cand]).sum(1)
+        scale = max(1.4826 * float(np.median(resid)), 0.02)
+        u = resid / (_TUKEY_C * scale)
+        w = np.where(u < 1.0, (1.0 - u**2) ** 2, 0.0)
+        lighting = _solve_lighting(basis, colors, cand, w)
+    inliers = cand[w > 0.5] if (w > 0.5).sum() >= 20 else cand[np.argsort(-w)[:20]]
+    pred = basis[inliers] * ALBEDO_LEVEL @ lighting
+    rmse = float(np.sqrt(np.mean((pred - colors[inliers]) ** 2)))
+    ratio = colors[inliers] / np.maximum(basis[inliers] @ lighting, 1e-3)
+    skin_albedo = np.clip(np.median(ratio, axis=0), 0.0, 1.0)
+    return lighting.astype(np.float32), head.template_albedo(skin_albedo), rmse
 
 
 def fit_pose(mesh_image: np.ndarray, canonical: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
