@@ -178,7 +178,7 @@ class FaceAnalyzer:
         self, crop: np.ndarray, box: tuple[int, int, int, int], frame_size: tuple[int, int], scores: dict,
         face_box: tuple[float, float, float, float] | None = None, five_points: np.ndarray | None = None,
     ) -> FaceFit | FaceSkip:
-        """face_box: the detector's tight face box in crop pixels (DECA's crop); else the landmarks' box.
+        """face_box: the detector's tight face box in crop pixels (kept for callers; DECA crops by the 68 landmarks).
 
         five_points: the detector's five points in crop pixels (image-left eye first), which Deep3DFaceRecon is
         aligned by, as the authors do with SCRFD's; else the landmarker's.
@@ -188,13 +188,10 @@ class FaceAnalyzer:
             return FaceSkip(SkipReason.fit_failed, "the landmarker found no face in the crop")
         mask = self.masker(crop, lm.landmarks)
         if self.deca is not None:
-            from rigface.face.backends.deca_fit import DecaFitError, fit_deca
+            from rigface.face.backends.deca_fit import DecaFitError, fit_deca, landmarks68_box
 
-            if face_box is None:
-                xy = lm.landmarks[:MESH_VERTICES, :2]
-                face_box = (*xy.min(0), *xy.max(0))
-            try:
-                parts = fit_deca(self.deca, crop, face_box)
+            try:  # DECA's crop from the 68-landmark box, as the authors' FAN run on the crop
+                parts = fit_deca(self.deca, crop, landmarks68_box(lm.landmarks))
             except DecaFitError as exc:
                 return FaceSkip(SkipReason.fit_failed, str(exc))
             scores = dict(scores, deca_cam_scale=float(parts["deca"]["codes"]["cam"][0]))

@@ -20,14 +20,15 @@ def render_fit(shape_fit: FaceFit, pose_fit: FaceFit, light_fit: FaceFit, size: 
                expression_fit: FaceFit | None = None) -> np.ndarray:
     """`shape_fit`'s face shape and albedo, posed like `pose_fit` in its crop, lit by `light_fit`'s SH lighting.
 
-    DECA fits (fit="deca") re-run FLAME with the codes swapped: `expression_fit` (default `shape_fit`) gives
-    the FLAME expression and jaw. Landmarker fits carry the expression in their shape and ignore it.
+    DECA fits (fit="deca") are drawn as the authors do: `pose_fit`'s head (its FLAME shape, texture, camera and
+    crop frame too), `expression_fit`'s (default `shape_fit`) expression and jaw, `light_fit`'s SH light.
+    Landmarker fits carry the expression in their shape and ignore it.
     """
     size = size or pose_fit.crop_size
     if shape_fit.deca is not None or pose_fit.deca is not None:
         from rigface.face.backends.deca_fit import render_deca
 
-        return render_deca(shape_fit, pose_fit, light_fit, expression_fit or shape_fit, size)
+        return render_deca(pose_fit, expression_fit or shape_fit, light_fit, size)
     proxy = head_mesh()  # the face mesh grown to forehead, skull and jaw (rigface.face.head)
     scale, rot, t = geometry.decompose_matrix(pose_fit.transform)
     k = size / pose_fit.crop_size  # crops of another size: rescale the pose into this frame
@@ -59,8 +60,8 @@ def build_conditions(source: FaceFit, target: FaceFit, edit: Edit = "all") -> Pa
 
     "all" is the training pair from one video: the render is aligned with the target crop (the image the
     model learns to produce). Gray is 127, the authors' fill. Masks are returned as given by the fits.
-    DECA fits also take the FLAME expression and jaw for the render from the expression column (codes
-    swapped per edit, as the authors do).
+    DECA fits follow deca_fit.DECA_CODE_SOURCES (the authors' code swapping): the same columns, except that a
+    pose edit draws the target's whole head (FLAME shape, texture, crop frame) with the source's expression.
     """
     if edit not in EDITS:
         raise ValueError(f"edit must be one of {', '.join(EDITS)}, got {edit!r}")
@@ -69,7 +70,12 @@ def build_conditions(source: FaceFit, target: FaceFit, edit: Edit = "all") -> Pa
     pose_fit = target if edit in ("pose", "all") else source
     light_fit = target if edit in ("lighting", "all") else source
     expr_fit = target if edit in ("expression", "all") else source
-    render = render_fit(source, pose_fit, light_fit, expression_fit=expr_fit)
+    if source.deca is not None or target.deca is not None:  # codes swapped by the table in deca_fit
+        from rigface.face.backends.deca_fit import render_deca_edit
+
+        render = render_deca_edit(source, target, edit)
+    else:
+        render = render_fit(source, pose_fit, light_fit, expression_fit=expr_fit)
     if edit in ("pose", "all"):
         background = composite_background(source.crop, source.mask, target.mask)
     else:

@@ -46,5 +46,7 @@ class FaceConfig(BaseModel):
     insightface_det_size: int = Field(640, ge=64, description="SCRFD input side for dynamic-size models")
     deca_checkpoint: str = "deca_model.tar"
     flame_model: str = "generic_model.pkl"
-    flame_albedo: str | None = Field(None, description="optional FLAME_albedo_from_BFM.npz / FLAME_texture.npz")
+    flame_albedo: str = Field("FLAME_texture.npz", description="FLAME texture space (DECA's tex codes; the authors')")
+    flame_uv: str = Field("head_template.obj", description="FLAME's UV layout (DECA's data folder)")
+    flame_landmarks: str = Field("landmark_embedding.npy", description="FLAME landmark embedding (DECA's data folder)")
     backend_device: str = Field("cpu", description="torch/onnxruntime device for these backends, e.g. cuda")

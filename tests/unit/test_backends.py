@@ -269,7 +269,7 @@ def test_required_files_follow_the_chosen_backends():
     names = [n for n, _ in required_files(FaceConfig(fit="deca", expression="deep3d", mask="bisenet",
                                                      identity="arcface"))]
     assert names == ["d3dfr_res50_nofc.pth", "BFM_model_front.mat", "79999_iter.pth", "antelopev2", "deca_model.tar",
-                     "generic_model.pkl"]
+                     "generic_model.pkl", "FLAME_texture.npz", "head_template.obj", "landmark_embedding.npy"]
     with pytest.raises(WeightFileMissing, match="face.weights"):
         preflight(FaceConfig(mask="bisenet"))  # a relative name with no weights folder
 

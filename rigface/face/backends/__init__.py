@@ -50,8 +50,9 @@ def required_files(cfg: FaceConfig) -> list[tuple[str, str]]:
     if cfg.fit == "deca":
         need.append((cfg.deca_checkpoint, "DECA checkpoint (fit=deca)"))
         need.append((cfg.flame_model, "FLAME 2020 model (fit=deca)"))
-        if cfg.flame_albedo:
-            need.append((cfg.flame_albedo, "FLAME albedo/texture space (fit=deca)"))
+        need.append((cfg.flame_albedo, "FLAME texture space FLAME_texture.npz (fit=deca)"))
+        need.append((cfg.flame_uv, "FLAME UV layout head_template.obj (fit=deca)"))
+        need.append((cfg.flame_landmarks, "FLAME landmark embedding (fit=deca)"))
     return need
 
 
@@ -115,5 +116,5 @@ def make_arcface(cfg: FaceConfig) -> ArcFaceEmbedder:
 def make_deca(cfg: FaceConfig):
     from rigface.face.backends.deca import Deca
 
-    albedo = _local(cfg, cfg.flame_albedo) if cfg.flame_albedo else None
-    return Deca(_local(cfg, cfg.deca_checkpoint), _local(cfg, cfg.flame_model), albedo, device=cfg.backend_device)
+    return Deca(_local(cfg, cfg.deca_checkpoint), _local(cfg, cfg.flame_model), _local(cfg, cfg.flame_albedo),
+                _local(cfg, cfg.flame_uv), _local(cfg, cfg.flame_landmarks), device=cfg.backend_device)

@@ -69,18 +69,34 @@ def orthographic_pixels(vertices: np.ndarray, cam: np.ndarray, size: int) -> np.
 
 
 class Deca:
-    """`Deca(checkpoint, flame_pkl)`: `encode(rgb224) -> codes`, `vertices(codes)`, `repose(src, tgt)`."""
+    """`Deca(checkpoint, flame_pkl, texture, uv, landmarks)`: `encode(rgb224) -> codes`, `vertices(codes)`.
+
+    texture: `FLAME_texture.npz`; uv: `head_template.obj`; landmarks: `landmark_embedding.npy` (DECA's data
+    folder). They are loaded (and checked) here, and named in every fit so the renders can load them too.
+    """
 
     name = "deca"
 
-    def __init__(self, checkpoint: str | Path, flame_model: str | Path, albedo: str | Path | None = None,
-                 device: str = "cpu"):
-        self.flame_path = str(Path(flame_model).expanduser().resolve())
+    def __init__(self, checkpoint: str | Path, flame_model: str | Path, texture: str | Path, uv: str | Path,
+                 landmarks: str | Path, device: str = "cpu"):
+        from rigface.face.backends.flame import cached_asset
+
+        def resolved(p):
+            return str(Path(p).expanduser().resolve())
+
+        self.flame_path = resolved(flame_model)
         self.flame = cached_flame(self.flame_path)  # CPU: the re-posed renders share it (5023 vertices, cheap)
+        self.assets = {"flame": self.flame_path, "texture": resolved(texture), "uv": resolved(uv),
+                       "landmarks": resolved(landmarks)}
+        self.uv = cached_asset("uv", self.assets["uv"])
+        if self.uv.n_vertices != self.flame.v_template.shape[0]:
+            raise WeightFormatError(f"{uv}: {self.uv.n_vertices} vertices, but the FLAME model has "
+                                    f"{self.flame.v_template.shape[0]}")
+        self.texture = cached_asset("texture", self.assets["texture"])
+        faces, _ = cached_asset("landmarks", self.assets["landmarks"])
+        if faces.max() >= len(self.uv.faces):
+            raise WeightFormatError(f"{landmarks}: landmark face {faces.max()} >= {len(self.uv.faces)} FLAME faces")
         self.encoder = load_deca_encoder(checkpoint).to(device)
-        # The UV albedo space needs FLAME's UV layout (head_template.obj), which no configured file gives:
-        # per-vertex albedo is fitted to the crop's pixels instead (rigface.face.backends.deca_fit).
-        self.albedo_path = albedo
         self.device = device
         self.version = Path(checkpoint).name
         self._lock = threading.Lock()
@@ -100,17 +116,3 @@ class Deca:
             return torch.as_tensor(codes[name], dtype=torch.float32)[None]
 
         return self.flame(t("shape"), t("exp"), t("pose"))[0].cpu().numpy()
-
-    @staticmethod
-    def repose(source: dict[str, np.ndarray], target: dict[str, np.ndarray], edit: str) -> dict[str, np.ndarray]:
-        """The source's codes with the edited attribute swapped in from the target (as the authors do)."""
-        out = {k: v.copy() for k, v in source.items()}
-        if edit not in ("pose", "expression", "lighting", "all"):
-            raise ValueError(f"edit must be pose, expression, lighting or all, got {edit!r}")
-        if edit in ("pose", "all"):  # head rotation and camera; the jaw belongs to the expression
-            out["pose"][:3], out["cam"] = target["pose"][:3], target["cam"].copy()
-        if edit in ("expression", "all"):
-            out["exp"], out["pose"][3:6] = target["exp"].copy(), target["pose"][3:6]
-        if edit in ("lighting", "all"):
-            out["light"] = target["light"].copy()
-        return out

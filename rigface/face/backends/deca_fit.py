@@ -13,6 +13,12 @@ crop maps its box onto pixel centres 0..223; here the box spans the crop's edges
 
 Lighting. DECA's 9 SH coefficients use its own basis order and constants (renderer.add_SHlight);
 `deca_sh_to_project` rewrites them exactly in the basis of geometry.sh_basis, normals in the same frame.
+
+Renders, as the authors draw them (their utils/compute_renders.py + DECA's SRenderY): the full FLAME head,
+albedo = FLAME texture PCA (DECA's 50 tex codes) sampled through head_template.obj's UV map (bilinear,
+grid_sample's align_corners=False), shading = DECA's SH on the world vertex normals interpolated per pixel
+(not renormalised), image = albedo x shading on black. Codes are swapped per edit by DECA_CODE_SOURCES, and
+the mesh is re-centred on its eyes and mouth (`align_ffhq`) at the centre the head's own codes give.
 """
 
 from __future__ import annotations
@@ -26,11 +32,26 @@ import torch
 
 from rigface.face import geometry
 from rigface.face.backends.deca import INPUT_SIZE, Deca
-from rigface.face.backends.flame import FLAME, cached_flame, rodrigues
+from rigface.face.backends.flame import FLAME, STATIC_LANDMARKS_FROM, cached_asset, cached_flame, rodrigues
 from rigface.face.backends.weights import WeightFileMissing
 from rigface.face.types import FaceFit, Pose
 
 DECA_BOX_SCALE = 1.3  # the RigFace authors' DECA crop: FAN box x 1.3 (DECA's default is 1.25)
+# MediaPipe 478 -> the 68-point (iBUG/FAN) scheme, the correspondence LatentSync uses; the authors run FAN on the
+# 512 crop, whose 68-point box (brows to chin, jaw side to side) sets DECA's crop.
+LM68_FROM_MP478 = (
+    162, 234, 93, 58, 172, 136, 149, 148, 152, 377, 378, 365, 397, 288, 323, 454, 389,  # 0-16 jaw
+    71, 63, 105, 66, 107, 336, 296, 334, 293, 301,  # 17-26 brows
+    168, 197, 5, 4, 75, 97, 2, 326, 305,  # 27-35 nose
+    33, 160, 158, 133, 153, 144, 362, 385, 387, 263, 373, 380,  # 36-47 eyes
+    61, 39, 37, 0, 267, 269, 291, 405, 314, 17, 84, 181, 78, 82, 13, 312, 308, 317, 14, 87,  # 48-67 mouth
+)
+
+
+def landmarks68_box(landmarks: np.ndarray) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of the 68 points taken from MediaPipe's landmarks (crop pixels)."""
+    xy = np.asarray(landmarks, np.float64)[list(LM68_FROM_MP478), :2]
+    return (*(float(v) for v in xy.min(0)), *(float(v) for v in xy.max(0)))
 _KPT68_ENLARGE = 1.1  # DECA's bbox2point for landmark boxes ('kpt68')
 
 # DECA's renderer constants (constant_factor) for its basis [1, x, y, z, xy, xz, yz, x^2-y^2, 3z^2-1].
@@ -98,8 +119,12 @@ def _tensor(codes: dict[str, np.ndarray], name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def place_mesh(flame: FLAME, codes: dict[str, np.ndarray], box: tuple[float, float, float]) -> DecaGeometry:
-    """FLAME(shape, exp, jaw) posed by DECA's global pose and camera, in the crop holding the DECA `box`."""
+def place_mesh(flame: FLAME, codes: dict[str, np.ndarray], box: tuple[float, float, float],
+               world_offset: np.ndarray | None = None) -> DecaGeometry:
+    """FLAME(shape, exp, jaw) posed by DECA's global pose and camera, in the crop holding the DECA `box`.
+
+    world_offset: added to the FLAME vertices before the camera (align_ffhq's delta).
+    """
     shape, exp = _tensor(codes, "shape"), _tensor(codes, "exp")
     local_pose = _tensor(codes, "pose").clone()
     local_pose[:, :3] = 0.0  # the global rotation is rigid about the root joint: applied as the similarity
@@ -110,29 +135,79 @@ def place_mesh(flame: FLAME, codes: dict[str, np.ndarray], box: tuple[float, flo
     x0, y0, side = box
     k = side / 2.0
     scale = k * s
-    t = scale * (root + np.array([tx, ty, 0.0])) + np.array([x0 + k, -(y0 + k), 0.0])
+    offset = np.zeros(3) if world_offset is None else np.asarray(world_offset, np.float64)
+    t = scale * (root + offset + np.array([tx, ty, 0.0])) + np.array([x0 + k, -(y0 + k), 0.0])
     mesh = geometry.pose_mesh(head, scale, rot, t)
     return DecaGeometry(head.astype(np.float32), scale, rot, t, mesh)
 
 
-def fit_albedo(crop: np.ndarray, mesh: np.ndarray, triangles: np.ndarray, lighting: np.ndarray,
-               min_facing: float = 0.3) -> np.ndarray:
-    """Per-vertex albedo = pixel colour / SH shading on vertices facing the camera inside the crop.
+@torch.no_grad()
+def ffhq_center(flame: FLAME, codes: dict[str, np.ndarray], landmarks: tuple[np.ndarray, np.ndarray],
+                faces: np.ndarray) -> np.ndarray:
+    """DECA decode's align_ffhq centre in FLAME world units: eye centre + 0.1 x (mouth centre - eye centre).
 
-    Without FLAME's UV layout the albedo/texture spaces cannot be sampled, so the albedo comes from the
-    pixels, as the default backend's; unseen vertices get the median seen albedo (or ALBEDO_LEVEL).
+    From the posed FLAME mesh's 68 landmarks (eyes 36-47, mouth corners 48 and 54: all static ones).
     """
-    size = crop.shape[0]
-    normals = geometry.vertex_normals(geometry.image_to_view(mesh), triangles)
-    inside = (mesh[:, 0] >= 0) & (mesh[:, 0] < size) & (mesh[:, 1] >= 0) & (mesh[:, 1] < size)
-    seen = inside & (normals[:, 2] > min_facing)
-    albedo = np.full((len(mesh), 3), geometry.ALBEDO_LEVEL, dtype=np.float32)
-    if seen.any():
-        colors = geometry.sample_colors(crop, mesh[seen, :2])
-        shading = geometry.shade(normals[seen], lighting)
-        albedo[seen] = np.clip(colors / np.maximum(shading, 1e-3), 0.0, 1.0)
-        albedo[~seen] = np.median(albedo[seen], axis=0)
-    return albedo
+    verts = flame(_tensor(codes, "shape"), _tensor(codes, "exp"), _tensor(codes, "pose"))[0].double().numpy()
+    lmk_faces, bary = landmarks
+    static = np.einsum("lk,lkc->lc", bary, verts[faces[lmk_faces]])  # (51, 3): 68-point ids 17..67
+
+    def lm(i: int) -> np.ndarray:
+        return static[i - STATIC_LANDMARKS_FROM]
+
+    eye_left = np.mean([lm(i) for i in range(36, 42)], 0)
+    eye_right = np.mean([lm(i) for i in range(42, 48)], 0)
+    eye = (eye_left + eye_right) * 0.5
+    mouth = (lm(48) + lm(54)) * 0.5
+    return eye + (mouth - eye) * 0.1
+
+
+def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """torch grid_sample(bilinear, zeros padding, align_corners=False) of an (H, W, 3) UV texture at (P, 2) UVs.
+
+    DECA's grid is (2u - 1, 1 - 2v): texel column u W - 0.5, row (1 - v) H - 0.5 (v = 1 is the top row).
+    """
+    h, w = texture.shape[:2]
+    x = np.asarray(uv[:, 0], np.float64) * w - 0.5
+    y = (1.0 - np.asarray(uv[:, 1], np.float64)) * h - 0.5
+    x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    out = np.zeros((len(x), texture.shape[2]), np.float64)
+    for dx, dy, wgt in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        xi, yi = x0 + dx, y0 + dy
+        ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        out[ok] += wgt[ok] * texture[yi[ok], xi[ok]]
+    return out.astype(np.float32)
+
+
+def deca_shading(normals: np.ndarray, light: np.ndarray) -> np.ndarray:
+    """DECA's add_SHlight: basis [1, x, y, z, xy, xz, yz, x^2-y^2, 3z^2-1] x constant_factor, @ (9, 3) light."""
+    n = np.asarray(normals, np.float64)
+    x, y, z = n[:, 0], n[:, 1], n[:, 2]
+    basis = np.stack([np.ones_like(x), x, y, z, x * y, x * z, y * z, x**2 - y**2, 3 * z**2 - 1], 1)
+    return (basis * DECA_SH_CONSTANTS) @ np.asarray(light, np.float64).reshape(9, 3)
+
+
+def render_uv_textured(mesh: np.ndarray, faces: np.ndarray, uvs: np.ndarray, uv_faces: np.ndarray,
+                       texture: np.ndarray, light: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """DECA's SRenderY image: (size, size, 3) uint8 albedo(UV) x SH shading on black, and its coverage.
+
+    mesh: (V, 3) image-frame vertices in crop pixels; normals are taken in the view frame (= DECA's world
+    axes: its camera is a scale and a shift), area-weighted per vertex, interpolated without renormalising.
+    """
+    from rigface.face.render import rasterize
+
+    normals = geometry.vertex_normals(geometry.image_to_view(mesh), faces)
+    pix, tid, bary = rasterize(mesh, faces, size)
+    b = bary.astype(np.float64)[:, :, None]
+    uv = (b * uvs[uv_faces[tid]]).sum(1)
+    n = (b * normals[faces[tid]]).sum(1)
+    color = sample_texture(texture, uv) * deca_shading(n, light)
+    image = np.zeros((size * size, 3), np.uint8)
+    image[pix] = (np.clip(color, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)  # torchvision save_image's rounding
+    cover = np.zeros(size * size, bool)
+    cover[pix] = True
+    return image.reshape(size, size, 3), cover.reshape(size, size)
 
 
 class DecaFitError(ValueError):
@@ -140,10 +215,10 @@ class DecaFitError(ValueError):
 
 
 def fit_deca(deca: Deca, crop: np.ndarray, face_box: tuple[float, float, float, float]) -> dict[str, Any]:
-    """Everything a FaceFit needs from DECA, for a crop and the tight face box in its pixels.
+    """Everything a FaceFit needs from DECA, for a crop and its 68-landmark box (crop pixels).
 
-    Returns pose, transform, lighting (project SH), albedo, mesh, shape, triangles and `deca`: the codes,
-    the DECA box and the FLAME file, which re-posed renders (render_deca) need.
+    Returns pose, transform, lighting (project SH), albedo (the texture at each vertex's UV), mesh, shape,
+    triangles and `deca`: the codes, the DECA box and the asset files the renders (render_deca) load.
     """
     box = deca_box(face_box)
     codes = deca.encode(extract_deca_crop(crop, box))
@@ -152,41 +227,92 @@ def fit_deca(deca: Deca, crop: np.ndarray, face_box: tuple[float, float, float, 
     if codes["cam"][0] <= 0:
         raise DecaFitError(f"DECA camera scale {codes['cam'][0]:.4g} <= 0: no face in the DECA crop")
     geo = place_mesh(deca.flame, codes, box)
-    triangles = deca.flame.faces.numpy()
+    triangles = deca.uv.faces
     lighting = deca_sh_to_project(codes["light"])
+    albedo = sample_texture(deca.texture(codes["tex"]), deca.uv.vertex_uvs())
     yaw, pitch, roll = geometry.euler_from_rotation(geo.rotation)
     tx, ty, tz = geometry.view_to_image(geo.translation.astype(np.float32))
     return {
         "pose": Pose(yaw=yaw, pitch=pitch, roll=roll, translation=(float(tx), float(ty), float(tz)), scale=geo.scale),
         "transform": geometry.similarity_matrix(geo.scale, geo.rotation, geo.translation),
         "lighting": lighting,
-        "albedo": fit_albedo(crop, geo.mesh, triangles, lighting),
+        "albedo": np.clip(albedo, 0.0, 1.0),
         "mesh": geo.mesh,
         "shape": geo.shape,
         "triangles": triangles,
-        "deca": {"codes": codes, "box": tuple(float(v) for v in box), "flame": deca.flame_path},
+        "deca": {"codes": codes, "box": tuple(float(v) for v in box), **deca.assets},
     }
 
 
-def render_deca(shape_fit: FaceFit, pose_fit: FaceFit, light_fit: FaceFit, expression_fit: FaceFit,
-                size: int) -> np.ndarray:
-    """The source's FLAME identity with the codes swapped per edit (as the authors do), in `pose_fit`'s crop.
+# Which fit gives each group of DECA codes, per edit: the authors' compute_renders.py. 'head' = shape, tex,
+# cam, global pose, the DECA box (crop frame) and the align_ffhq centre; 'expression' = exp + jaw pose;
+# 'light' = the 27 SH codes. Their script takes the target's light for expression-only edits and keeps the
+# source's for lighting edits (`if 'light' not in mode_list: code1['light'] = tar_code['light']`), the
+# inverse of the paper's lighting edit; this table follows the paper.
+DECA_CODE_SOURCES: dict[str, dict[str, str]] = {
+    "expression": {"head": "source", "expression": "target", "light": "source"},
+    "pose": {"head": "target", "expression": "source", "light": "source"},
+    "lighting": {"head": "source", "expression": "source", "light": "target"},
+    "all": {"head": "target", "expression": "target", "light": "target"},
+}
 
-    shape_fit: FLAME shape + albedo; pose_fit: global pose, camera and DECA box; expression_fit: FLAME
-    expression + jaw; light_fit: SH lighting (any backend: the lighting is in the project's convention).
-    """
-    from rigface.face.render import render_lambertian
 
-    for role, fit in (("source", shape_fit), ("pose", pose_fit), ("expression", expression_fit)):
+def swap_codes(head: dict[str, np.ndarray], expression: dict[str, np.ndarray], light: dict[str, np.ndarray]
+               ) -> dict[str, np.ndarray]:
+    """The head's codes with the expression (exp + jaw) and the SH light of the other two."""
+    out = {k: np.array(v, copy=True) for k, v in head.items()}
+    out["exp"] = np.array(expression["exp"], copy=True)
+    out["pose"][3:6] = expression["pose"][3:6]
+    out["light"] = np.array(light["light"], copy=True)
+    return out
+
+
+def codes_for_edit(source: dict[str, np.ndarray], target: dict[str, np.ndarray], edit: str
+                   ) -> tuple[dict[str, np.ndarray], str]:
+    """(the swapped codes, which fit's head/frame they live in) per DECA_CODE_SOURCES."""
+    if edit not in DECA_CODE_SOURCES:
+        raise ValueError(f"edit must be one of {', '.join(DECA_CODE_SOURCES)}, got {edit!r}")
+    role = DECA_CODE_SOURCES[edit]
+    by = {"source": source, "target": target}
+    return swap_codes(by[role["head"]], by[role["expression"]], by[role["light"]]), role["head"]
+
+
+def _assets(fit: FaceFit) -> dict[str, Any]:
+    deca = fit.deca
+    missing = [f"{k}: {deca.get(k)}" for k in ("flame", "texture", "uv", "landmarks")
+               if not deca.get(k) or not Path(deca[k]).exists()]
+    if missing:  # fits shipped to another machine: the files must be at the same paths there
+        raise WeightFileMissing("DECA assets of this fit not found on this machine (FLAME model, texture, UV, "
+                                "landmarks): " + "; ".join(missing))
+    return {"flame": cached_flame(deca["flame"]), "texture": cached_asset("texture", deca["texture"]),
+            "uv": cached_asset("uv", deca["uv"]), "landmarks": cached_asset("landmarks", deca["landmarks"])}
+
+
+def render_deca(head_fit: FaceFit, expression_fit: FaceFit, light_fit: FaceFit, size: int) -> np.ndarray:
+    """DECA render of `head_fit`'s head (shape, tex, cam, global pose, crop frame) with the other fits'
+    expression (exp + jaw) and SH light, re-centred as align_ffhq does; in a size x size crop."""
+    for role, fit in (("head", head_fit), ("expression", expression_fit), ("light", light_fit)):
         if fit.deca is None:
             raise ValueError(f"the {role} fit is not a DECA fit (fit='deca'): fits from different 3D backends "
                              "cannot be re-posed together")
-    flame_path = Path(shape_fit.deca["flame"])
-    if not flame_path.exists():  # fits shipped to another machine: FLAME must be at the same path there
-        raise WeightFileMissing(f"FLAME model of this DECA fit not found on this machine: {flame_path}")
-    codes = Deca.repose(shape_fit.deca["codes"], pose_fit.deca["codes"], "pose")
-    codes = Deca.repose(codes, expression_fit.deca["codes"], "expression")
-    geo = place_mesh(cached_flame(flame_path), codes, pose_fit.deca["box"])
-    mesh = geo.mesh * np.float32(size / pose_fit.crop_size)  # crops of another size: rescale the frame
-    image, _ = render_lambertian(mesh, shape_fit.triangles, shape_fit.albedo, light_fit.lighting, size)
+    a = _assets(head_fit)
+    own = head_fit.deca["codes"]
+    codes = swap_codes(own, expression_fit.deca["codes"], light_fit.deca["codes"])
+    flame_faces = a["flame"].faces.numpy()  # DECA's landmarks sit on the FLAME model's faces
+    delta = (ffhq_center(a["flame"], own, a["landmarks"], flame_faces)
+             - ffhq_center(a["flame"], codes, a["landmarks"], flame_faces))
+    geo = place_mesh(a["flame"], codes, head_fit.deca["box"], world_offset=delta)
+    mesh = geo.mesh * np.float32(size / head_fit.crop_size)  # crops of another size: rescale the frame
+    image, _ = render_uv_textured(mesh, a["uv"].faces, a["uv"].uvs, a["uv"].uv_faces, a["texture"](codes["tex"]),
+                                  np.asarray(codes["light"]).reshape(9, 3), size)
     return image
+
+
+def render_deca_edit(source: FaceFit, target: FaceFit, edit: str, size: int | None = None) -> np.ndarray:
+    """The render of one edit, codes taken per DECA_CODE_SOURCES."""
+    if edit not in DECA_CODE_SOURCES:
+        raise ValueError(f"edit must be one of {', '.join(DECA_CODE_SOURCES)}, got {edit!r}")
+    by = {"source": source, "target": target}
+    role = DECA_CODE_SOURCES[edit]
+    head = by[role["head"]]
+    return render_deca(head, by[role["expression"]], by[role["light"]], size or head.crop_size)

@@ -194,3 +194,196 @@ def cached_flame(path: str | Path) -> FLAME:
         if flame is None:
             flame = _CACHE[key] = FLAME(load_flame_pickle(key)).eval()
         return flame
+
+
+# -- DECA's FLAME assets: UV layout, texture space, landmark embedding ---------------------------------------
+class HeadTemplate:
+    """`head_template.obj` (DECA's data folder): FLAME's faces and their UV layout (v, vt, f v/vt lines)."""
+
+    def __init__(self, faces: np.ndarray, uvs: np.ndarray, uv_faces: np.ndarray, n_vertices: int):
+        self.faces, self.uvs, self.uv_faces, self.n_vertices = faces, uvs, uv_faces, n_vertices
+
+    def vertex_uvs(self) -> np.ndarray:
+        """(V, 2) one UV per vertex (its first use; seams hold two), for per-vertex albedo."""
+        out = np.zeros((self.n_vertices, 2), np.float32)
+        for k in (2, 1, 0):  # written in reverse so the first use wins
+            out[self.faces[::-1, k]] = self.uvs[self.uv_faces[::-1, k]]
+        return out
+
+
+def load_head_template(path: str | Path) -> HeadTemplate:
+    verts = uvs = 0
+    faces: list[list[int]] = []
+    uv_faces: list[list[int]] = []
+    uv_list: list[tuple[float, float]] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                tag, _, rest = line.strip().partition(" ")
+                if tag == "v":
+                    verts += 1
+                elif tag == "vt":
+                    u, v = rest.split()[:2]
+                    uv_list.append((float(u), float(v)))
+                    uvs += 1
+                elif tag == "f":
+                    corners = [c.split("/") for c in rest.split()]
+                    if len(corners) != 3 or any(len(c) < 2 or not c[1] for c in corners):
+                        raise ValueError(f"face line without 3 v/vt corners: {line.strip()[:60]!r}")
+                    faces.append([int(c[0]) - 1 for c in corners])
+                    uv_faces.append([int(c[1]) - 1 for c in corners])
+    except (OSError, ValueError, UnicodeError) as exc:
+        raise WeightFormatError(f"{path}: not DECA's head_template.obj ({type(exc).__name__}: {exc})") from exc
+    f, uf = np.asarray(faces, np.int64).reshape(-1, 3), np.asarray(uv_faces, np.int64).reshape(-1, 3)
+    if not len(f) or not uvs or f.min() < 0 or f.max() >= verts or uf.min() < 0 or uf.max() >= uvs:
+        raise WeightFormatError(f"{path}: needs v, vt and 'f v/vt' lines with indices in range "
+                                f"({verts} vertices, {uvs} uvs, {len(f)} faces)")
+    return HeadTemplate(f, np.asarray(uv_list, np.float32), uf, verts)
+
+
+class FlameTexture:
+    """DECA's FLAMETex(tex_type='FLAME'): mean + the first n texture directions, /255, resized to uv_size, RGB.
+
+    `FLAME_texture.npz` holds 'mean' (N, N, 3) and 'tex_dir' (N, N, 3, K) in BGR 0..255 (N 512, K 200).
+    DECA resizes to 256 by nearest neighbour after the linear combination; the same rows and columns are
+    taken here before it (the combination is per texel), which keeps 50 of K directions at 256: ~39 MB.
+    """
+
+    def __init__(self, mean: np.ndarray, basis: np.ndarray):
+        self.mean, self.basis = mean, basis  # (S, S, 3), (S, S, 3, n) RGB in [0, 1] units
+
+    def __call__(self, tex_code: np.ndarray) -> np.ndarray:
+        """(S, S, 3) float32 albedo texture (not clipped, as DECA's), RGB, row 0 = top of the UV map (v = 1)."""
+        code = np.asarray(tex_code, np.float32).ravel()[: self.basis.shape[-1]]
+        return self.mean + self.basis[..., : len(code)] @ code
+
+
+def _npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
+    from numpy.lib import format as npformat
+
+    major, _ = npformat.read_magic(fh)
+    read = npformat.read_array_header_1_0 if major == 1 else npformat.read_array_header_2_0
+    return read(fh)
+
+
+def _nearest_rows(n_in: int, n_out: int) -> np.ndarray:
+    """torch's F.interpolate(mode='nearest') source index for each output index."""
+    return np.minimum(np.floor(np.arange(n_out) * (n_in / n_out)).astype(np.int64), n_in - 1)
+
+
+def _read_npz_member_rows(path: str | Path, name: str, rows: np.ndarray, cols: np.ndarray, depth: int
+                          ) -> tuple[np.ndarray, tuple[int, ...]]:
+    """member[rows][:, cols][..., :depth] of an .npz array, read row by row (the full tex_dir is ~0.6-1.2 GB)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        with zf.open(name + ".npy") as fh:
+            shape, fortran, dtype = _npy_header(fh)
+            if fortran or dtype.hasobject or len(shape) < 3:
+                raise WeightFormatError(f"{path}: {name} is not a C-order numeric (N, N, 3, ...) array")
+            row_items = int(np.prod(shape[1:]))
+            keep = set(rows.tolist())
+            out = []
+            for r in range(shape[0]):
+                buf = fh.read(row_items * dtype.itemsize)
+                if len(buf) != row_items * dtype.itemsize:
+                    raise WeightFormatError(f"{path}: {name} is truncated at row {r}")
+                if r in keep:
+                    row = np.frombuffer(buf, dtype).reshape(shape[1:])[cols]
+                    out.append(row[..., :depth] if len(shape) == 4 else row)
+    by_row = dict(zip(sorted(keep), out))
+    return np.stack([by_row[r] for r in rows.tolist()]).astype(np.float32), tuple(shape)
+
+
+def load_flame_texture(path: str | Path, n_tex: int = 50, uv_size: int = 256) -> FlameTexture:
+    import zipfile
+
+    try:
+        names = set(zipfile.ZipFile(path).namelist())
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise WeightFormatError(f"{path}: not an .npz file ({type(exc).__name__}: {exc})") from exc
+    if not {"mean.npy", "tex_dir.npy"} <= names:
+        raise WeightFormatError(f"{path}: FLAME_texture.npz holds 'mean' and 'tex_dir'; found "
+                                f"{sorted(n.removesuffix('.npy') for n in names)[:8]}")
+    with np.load(path) as z:
+        mean_shape = z["mean"].shape
+    if len(mean_shape) != 3 or mean_shape[0] != mean_shape[1] or mean_shape[2] != 3:
+        raise WeightFormatError(f"{path}: 'mean' is {mean_shape}, expected (N, N, 3)")
+    n = mean_shape[0]
+    idx = _nearest_rows(n, uv_size)
+    mean, _ = _read_npz_member_rows(path, "mean", idx, idx, 3)
+    basis, shape = _read_npz_member_rows(path, "tex_dir", idx, idx, n_tex)
+    if shape[:3] != (n, n, 3) or len(shape) != 4 or shape[3] < n_tex:
+        raise WeightFormatError(f"{path}: 'tex_dir' is {shape}, expected ({n}, {n}, 3, K >= {n_tex})")
+    # /255 and BGR -> RGB, as DECA's FLAMETex
+    return FlameTexture(mean[..., ::-1].copy() / 255.0, basis[:, :, ::-1, :].copy() / 255.0)
+
+
+class _InertStandIn:
+    """Takes the place of torch tensors (and their storages) while unpickling the landmark embedding."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _InertStandIn()
+
+
+class _EmbeddingUnpickler(_AllowListUnpickler):
+    """numpy arrays as themselves; the dynamic-contour entries (torch tensors) as inert stand-ins."""
+
+    _DICTS = {("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        if module.split(".")[0] == "torch":
+            return _InertStandIn
+        if (module, name) in self._DICTS:
+            return super(_AllowListUnpickler, self).find_class(module, name)
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        return _InertStandIn()
+
+
+STATIC_LANDMARKS_FROM = 17  # DECA's landmarks2d = 17 dynamic contour points + 51 static (68-point 17..67)
+
+
+def load_landmark_embedding(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """`landmark_embedding.npy` -> static (51,) face indices and (51, 3) barycentrics (68-point ids 17..67).
+
+    The file is a pickled dict inside an object .npy; it is read with an allow-list (no code runs).
+    """
+    try:
+        with open(path, "rb") as fh:
+            shape, _, dtype = _npy_header(fh)
+            if not dtype.hasobject:
+                raise ValueError(f"a {dtype} array, not the pickled dict")
+            raw = _EmbeddingUnpickler(fh, encoding="latin1").load()
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError, TypeError, AttributeError, ImportError) as exc:
+        raise WeightFormatError(f"{path}: not DECA's landmark_embedding.npy ({type(exc).__name__}: {exc})") from exc
+    emb = raw.item() if isinstance(raw, np.ndarray) and raw.dtype == object else raw
+    if not isinstance(emb, dict) or not {"static_lmk_faces_idx", "static_lmk_bary_coords"} <= set(emb):
+        have = sorted(emb)[:8] if isinstance(emb, dict) else type(emb).__name__
+        raise WeightFormatError(f"{path}: needs static_lmk_faces_idx and static_lmk_bary_coords; found {have}")
+    faces = np.asarray(emb["static_lmk_faces_idx"], np.int64).ravel()
+    bary = np.asarray(emb["static_lmk_bary_coords"], np.float64).reshape(-1, 3)
+    if faces.shape != (51,) or bary.shape != (51, 3):
+        raise WeightFormatError(f"{path}: static landmarks are {faces.shape} / {bary.shape}, expected (51,) / (51, 3)")
+    return faces, bary
+
+
+_ASSET_CACHE: dict[tuple[str, str], object] = {}
+
+
+def cached_asset(kind: str, path: str | Path):
+    """One loaded UV template / texture space / landmark embedding per file and process (read-only after)."""
+    key = (kind, str(Path(path).expanduser().resolve()))
+    loader = {"uv": load_head_template, "texture": load_flame_texture, "landmarks": load_landmark_embedding}[kind]
+    with _CACHE_LOCK:
+        obj = _ASSET_CACHE.get(key)
+        if obj is None:
+            obj = _ASSET_CACHE[key] = loader(key[1])
+        return obj
