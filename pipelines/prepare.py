@@ -38,6 +38,7 @@ from rigface.data import sources, storage
 from rigface.data.sampling import frames_of, min_gap_frames, replace_failed, sample_distant_pairs
 from rigface.data.schema import PairSample, encode_sample, pack_sample, safe_video_id, sample_key
 from rigface.data.video import Video, VideoError
+from rigface.face.config import FaceConfig
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +194,14 @@ def build_samples_row(row: dict[str, Any], *, n_pairs: int, min_gap_seconds: flo
         gap = min_gap_frames(report["fps"], min_gap_seconds)
         pairs = replace_failed(cands, ok, n_pairs, gap, seed=seed, salt=row["content_hash"])
         report["replaced"] = sum(1 for p in pairs if p not in cands[:n_pairs])
+        qualities: list[dict[str, Any]] = []
         conditions = (backend_factory.conditions if backend_factory is not None and hasattr(
             backend_factory, "conditions") else FaceBackend.conditions)
         for a, b in pairs:
             try:
                 cond = conditions(ok[a], ok[b])
-                sample = to_pair_sample(row, a, b, ok[a], ok[b], cond, report["fps"])
+                sample = to_pair_sample(row, a, b, ok[a], ok[b], cond, report["fps"], face_cfg=face_cfg)
+                qualities.append(sample.meta["quality"])
                 key = sample.key
                 blobs.append(pack_sample(key, encode_sample(sample, jpeg_quality=jpeg_quality)))
                 keys.append(key)
@@ -207,14 +210,19 @@ def build_samples_row(row: dict[str, Any], *, n_pairs: int, min_gap_seconds: flo
                 log.warning("prepare: pair dropped", extra={"video": row["video_id"], "pair": (a, b), "error": repr(exc)})
         report["frame_skips"] = dict(skips)
         report["pairs"] = len(keys)
+        report["quality"] = qualities
         if not keys:
             report["status"] = "no_pairs"
     return {"shard": row["shard"], "video_id": row["video_id"], "report": json.dumps(report, sort_keys=True),
             "keys": keys, "samples": blobs}
 
 
-def to_pair_sample(row: dict[str, Any], a: int, b: int, src, tgt, cond, fps: float) -> PairSample:
+def to_pair_sample(row: dict[str, Any], a: int, b: int, src, tgt, cond, fps: float, face_cfg=None) -> PairSample:
+    from rigface.face.quality import pair_quality
+
     key = sample_key(row["video_id"], a, b)
+    limit = getattr(face_cfg, "max_padded_fraction", None)
+    limit = FaceConfig().max_padded_fraction if limit is None else limit
     return PairSample(
         key=key, source=src.crop, target=tgt.crop, render=cond.render, background=cond.background,
         expression=np.asarray(cond.expression, np.float32), mask_source=cond.mask_source,
@@ -230,6 +238,8 @@ def to_pair_sample(row: dict[str, Any], a: int, b: int, src, tgt, cond, fps: flo
             "backends": {str(k): str(v) for k, v in {**src.backends, **tgt.backends}.items()},
             "scores": {"source": {k: float(v) for k, v in src.scores.items()},
                        "target": {k: float(v) for k, v in tgt.scores.items()}},
+            "quality": pair_quality(src.scores, tgt.scores, src.pose.angles(), tgt.pose.angles(), src.expression,
+                                    tgt.expression, src.lighting, tgt.lighting, max_padded_fraction=limit),
         },
     )
 
@@ -439,11 +449,26 @@ def shard_stats(reports: list[dict[str, Any]]) -> dict[str, Any]:
         "frame_skips": dict(sorted(frame_skips.items())),
         "pairs": sum(r["pairs"] for r in reports),
         "pairs_replaced": sum(r.get("replaced", 0) for r in reports),
+        "quality": quality_summary([q for r in reports for q in r.get("quality", [])]),
         "split": reports[0]["split"] if reports else "",
         # Per-video outcome: what --append de-duplicates on and what the index records.
         "video_reports": [{k: r.get(k) for k in ("video_id", "content_hash", "name", "url", "status", "pairs",
                                                  "frame_skips", "n_frames", "fps")} for r in reports],
     }
+
+
+def quality_summary(qualities: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per quality field: count, mean and quantiles over a shard's pairs (the per-pair values are in meta.json)."""
+    from rigface.face.quality import QUALITY_FIELDS
+
+    out: dict[str, dict[str, float]] = {}
+    for name in QUALITY_FIELDS:
+        vals = np.array([q[name] for q in qualities if q.get(name) is not None], dtype=np.float64)
+        if vals.size:
+            p = np.percentile(vals, [0, 10, 50, 90, 100])
+            out[name] = {"count": int(vals.size), "mean": round(float(vals.mean()), 4),
+                         **{k: round(float(v), 4) for k, v in zip(("min", "p10", "p50", "p90", "max"), p)}}
+    return out
 
 
 def _finish(cfg: RigFaceConfig, output: str, version: int, srcs: list[str], plan: dict[str, list[dict]],

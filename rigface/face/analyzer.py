@@ -6,9 +6,9 @@ import logging
 
 import numpy as np
 
-from rigface.face import assets, geometry
+from rigface.face import assets, geometry, quality
 from rigface.face.config import FaceConfig
-from rigface.face.detect import crop_box_for, extract_crop, make_detector
+from rigface.face.detect import crop_box_for, extract_crop, fit_box_in_frame, make_detector, padded_fraction
 from rigface.face.types import MESH_VERTICES, BackendUnavailable, Detection, FaceFit, FaceSkip, Pose, SkipReason
 
 log = logging.getLogger(__name__)
@@ -154,22 +154,31 @@ class FaceAnalyzer:
             if crop_box is None and self.crop_policy == "paper":
                 from rigface.face.backends.insightface import paper_crop
 
+                # The authors' crop as they take it (black outside the frame); its padding is recorded, not refused.
                 crop, m, box = paper_crop(rgb, chosen.box, self.cfg.crop_size)
+                padded = padded_fraction(box, rgb.shape[:2])
             else:
                 box = tuple(int(v) for v in crop_box) if crop_box is not None else crop_box_for(
                     chosen, self.cfg.crop_scale, self.cfg.crop_step
                 )
                 if box[2] - box[0] < 8 or box[3] - box[1] < 8:
                     return FaceSkip(SkipReason.bad_image, f"crop box {box} is degenerate")
-                crop = extract_crop(rgb, box, self.cfg.crop_size)
+                if crop_box is None:  # a box given by the caller is taken as it is
+                    box, padded = fit_box_in_frame(box, rgb.shape[:2], self.cfg.crop_min_scale * chosen.size)
+                else:
+                    padded = padded_fraction(box, rgb.shape[:2])
+                if padded > self.cfg.max_padded_fraction:
+                    return FaceSkip(SkipReason.too_much_padding, f"{padded:.2f} of the crop lies outside the "
+                                    f"frame > {self.cfg.max_padded_fraction}")
+                crop = extract_crop(rgb, box, self.cfg.crop_size, self.cfg.crop_pad_mode)
                 kx, ky = self.cfg.crop_size / (box[2] - box[0]), self.cfg.crop_size / (box[3] - box[1])
                 m = np.array([[kx, 0.0, -kx * box[0]], [0.0, ky, -ky * box[1]]])
             corners = np.array(chosen.box, np.float64).reshape(2, 2) @ m[:, :2].T + m[:, 2]
             face_box = tuple(float(v) for v in corners.ravel())  # in crop pixels
             five = None if chosen.keypoints is None else (
                 np.asarray(chosen.keypoints, np.float64) @ m[:, :2].T + m[:, 2]).astype(np.float32)
-            return self.fit_crop(crop, box, rgb.shape[:2], {"detection": chosen.score}, face_box=face_box,
-                                 five_points=five)
+            scores = {"detection": chosen.score, "padded_fraction": round(padded, 6), "face_size": chosen.size}
+            return self.fit_crop(crop, box, rgb.shape[:2], scores, face_box=face_box, five_points=five)
         except Exception as exc:  # a model failing on one odd frame must not kill a dataset job
             log.warning("face fit failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return FaceSkip(SkipReason.fit_failed, f"{type(exc).__name__}: {exc}")
@@ -187,6 +196,8 @@ class FaceAnalyzer:
         if lm is None:
             return FaceSkip(SkipReason.fit_failed, "the landmarker found no face in the crop")
         mask = self.masker(crop, lm.landmarks)
+        scores = dict(scores)
+        scores.update(quality.crop_quality(crop, lm.landmarks, five_points))
         if self.deca is not None:
             from rigface.face.backends.deca_fit import DecaFitError, fit_deca, landmarks68_box
 

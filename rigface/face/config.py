@@ -27,6 +27,13 @@ class FaceConfig(BaseModel):
     crop_step: float = Field(
         0.05, ge=0.0, lt=0.5, description="crop-box snapping step (fraction of the side): stable crops across frames"
     )
+    crop_min_scale: float = Field(
+        1.4, gt=1.0, description="least context: when the frame is too small for crop_scale, the side shrinks "
+        "to the frame but not below this x face size; only then is the rest padded (mirrored pixels)")
+    crop_pad_mode: Literal["reflect", "replicate"] = "reflect"
+    max_padded_fraction: float = Field(
+        0.25, ge=0.0, le=1.0, description="frames whose crop needs more padding than this (area fraction) are "
+        "a recorded skip too_much_padding")
     detect_max_side: int = Field(1280, ge=64, description="frames larger than this are downscaled for detection")
     mask_work_size: int = Field(160, ge=32, description="GrabCut runs at this size, then is upscaled")
     # Folder or s3:// URI with user-supplied weights for the paper-faithful backends (rigface.face.backends).

@@ -128,15 +128,62 @@ def crop_box_for(det: Detection, scale: float, step: float) -> tuple[int, int, i
             int(round(cy - half)) + int(round(side)))
 
 
-def extract_crop(rgb: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-    """The box (which may reach outside the frame: padded with black) resized to size x size."""
+def fit_box_in_frame(
+    box: tuple[int, int, int, int], frame_hw: tuple[int, int], min_side: float
+) -> tuple[tuple[int, int, int, int], float]:
+    """Keep a square crop real: (box, padded fraction of its area).
+
+    1. Slide the box inside the frame (no padding when the frame is large enough).
+    2. When the frame is smaller than the box, shrink the side to the frame's shorter side, but not below
+       `min_side` (the configured minimum context around the face).
+    3. Only what still lies outside then is padded (by `extract_crop`, with reflected pixels).
+    Deterministic in (box, frame size), so a snapped box stays stable across the frames of a video.
+    """
+    x0, y0, x1, y1 = box
+    h, w = frame_hw
+    side = x1 - x0
+    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    if side > min(h, w):
+        side = max(int(math.ceil(min_side)), min(h, w))
+    side = max(1, int(side))
+
+    def place(c: float, extent: int) -> int:
+        lo = int(round(c - side / 2.0))
+        if side <= extent:
+            return min(max(lo, 0), extent - side)
+        return int(round((extent - side) / 2.0))  # larger than the frame: centred, padding split evenly
+
+    nx0, ny0 = place(cx, w), place(cy, h)
+    out = (nx0, ny0, nx0 + side, ny0 + side)
+    return out, padded_fraction(out, frame_hw)
+
+
+def padded_fraction(box: tuple[int, int, int, int], frame_hw: tuple[int, int]) -> float:
+    """Fraction of the box's area that lies outside the frame."""
+    x0, y0, x1, y1 = box
+    h, w = frame_hw
+    inside = max(0, min(x1, w) - max(x0, 0)) * max(0, min(y1, h) - max(y0, 0))
+    area = max(1, (x1 - x0) * (y1 - y0))
+    return float(1.0 - inside / area)
+
+
+PAD_MODES = {"reflect": "BORDER_REFLECT_101", "replicate": "BORDER_REPLICATE"}
+
+
+def extract_crop(rgb: np.ndarray, box: tuple[int, int, int, int], size: int, pad_mode: str = "reflect") -> np.ndarray:
+    """The box resized to size x size. Where it reaches outside the frame, the frame's own pixels are mirrored
+    (or its edge replicated) into it, never a flat colour: a model must not learn black borders."""
     import cv2
 
     x0, y0, x1, y1 = box
     h, w = rgb.shape[:2]
     sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-    region = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)
-    if sx1 > sx0 and sy1 > sy0:
-        region[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+    if sx1 <= sx0 or sy1 <= sy0:
+        raise ValueError(f"crop box {box} lies outside the {w}x{h} frame")
+    region = rgb[sy0:sy1, sx0:sx1]
+    pads = (sy0 - y0, y1 - sy1, sx0 - x0, x1 - sx1)  # top, bottom, left, right
+    if any(pads):
+        # cv2 repeats the reflection as needed for pads larger than the region.
+        region = cv2.copyMakeBorder(np.ascontiguousarray(region), *pads, getattr(cv2, PAD_MODES[pad_mode]))
     interp = cv2.INTER_AREA if region.shape[0] > size else cv2.INTER_CUBIC
     return cv2.resize(region, (size, size), interpolation=interp)

@@ -4,8 +4,8 @@ Conventions (shared with the shard schema in rigface.data):
 - Images are uint8 RGB, HxWx3. Masks are uint8 (S, S) with 0 (background) or 255 (head).
 - "Crop pixels": coordinates in the S x S crop (S = FaceConfig.crop_size, 512), x right, y down;
   z is depth in the same pixel units (smaller z = nearer the camera), as MediaPipe reports it.
-- `crop_box` is in source-frame pixels and may reach outside the frame (the crop is padded there),
-  so that the crop keeps its aspect and the face stays centred near frame borders.
+- `crop_box` is in source-frame pixels. It is slid inside the frame and shrunk to the frame first; only
+  what still lies outside is padded, with mirrored frame pixels (scores["padded_fraction"] says how much).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class SkipReason(str, Enum):
     low_confidence = "low_confidence"
     bad_image = "bad_image"
     fit_failed = "fit_failed"
+    too_much_padding = "too_much_padding"
 
 
 @dataclass

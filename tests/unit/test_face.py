@@ -72,17 +72,16 @@ def test_one_face_crop_512_centred(astro_fit):
 
 
 def test_crop_content_matches_frame(astro_fit):
-    """The crop is the crop box of the frame resized to 512; the part above the frame (y0 < 0) is black."""
+    """The crop is the crop box of the frame resized to 512; a box that would poke out of the photo's top is
+    slid down inside the frame instead of being padded."""
     import cv2
 
     x0, y0, x1, y1 = astro_fit.crop_box
     img = fm.astronaut()
-    assert y0 < 0 <= x0 and x1 <= img.shape[1]  # the astronaut's box pokes out of the top of the photo
-    padded = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
-    padded[-y0:] = img[0:y1, x0:x1]
-    ref = cv2.resize(padded, (512, 512), interpolation=cv2.INTER_CUBIC)
+    assert 0 == y0 and 0 <= x0 and x1 <= img.shape[1] and y1 <= img.shape[0]
+    assert astro_fit.scores["padded_fraction"] == 0.0
+    ref = cv2.resize(img[y0:y1, x0:x1], (512, 512), interpolation=cv2.INTER_AREA if x1 - x0 > 512 else cv2.INTER_CUBIC)
     assert np.abs(ref.astype(int) - astro_fit.crop.astype(int)).mean() < 3
-    assert astro_fit.crop[: int(-y0 * 512 / (y1 - y0)) - 2].max() == 0
 
 
 def test_flip_negates_yaw_and_roll(analyzer, astro_fit):
@@ -103,7 +102,8 @@ def test_video_frames_found_and_pose_follows_rotation(video_fits):
     moved = video_fits["moved"]
     dx = moved.crop_box[0] - still.crop_box[0]
     dy = moved.crop_box[1] - still.crop_box[1]
-    assert dx == pytest.approx(24, abs=14) and dy == pytest.approx(16, abs=14)
+    assert dx == pytest.approx(24, abs=14)
+    assert dy == pytest.approx(16, abs=14) or still.crop_box[1] == moved.crop_box[1] == 0  # held inside the frame
     assert moved.pose.yaw == pytest.approx(still.pose.yaw, abs=3.0)
     # Scaled 1.25x: the crop box grows with the face, the face keeps its size in the crop.
     sc = video_fits["scaled"]
@@ -122,7 +122,9 @@ def test_crop_box_stable_under_jitter(analyzer):
 def test_relit_frame_moves_lighting_towards_the_light(video_fits):
     still, lit = video_fits["still"], video_fits["relit"]
     # Light from the image's right: the SH x band (index 3; view x = image right) rises in every channel.
-    assert (lit.lighting[3] - still.lighting[3] > 0.1).all(), (still.lighting[3], lit.lighting[3])
+    # (every channel rises; by > 0.1 on average: the in-frame crop holds less of the ramp than a padded one did)
+    rise = lit.lighting[3] - still.lighting[3]
+    assert (rise > 0.05).all() and rise.mean() > 0.1, (still.lighting[3], lit.lighting[3])
     from rigface.face import lighting_distance
 
     assert lighting_distance(still, lit) > lighting_distance(still, still) == 0.0
