@@ -35,7 +35,8 @@ from rigface import __version__
 from rigface.config import RigFaceConfig
 from rigface.data import shards as shardio
 from rigface.data import sources, storage
-from rigface.data.sampling import frames_of, min_gap_frames, replace_failed, sample_distant_pairs
+from rigface.data.sampling import (face_spans, frames_of, max_pairs, min_gap_frames, probe_indices, replace_failed,
+                                   sample_distant_pairs, sample_pairs_among)
 from rigface.data.schema import PairSample, encode_sample, pack_sample, safe_video_id, sample_key
 from rigface.data.video import Video, VideoError
 from rigface.face.config import FaceConfig
@@ -112,18 +113,68 @@ def hash_row(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+_PROBE_DETECTOR: Any = None
+
+
+def _probe_detector():
+    """One YuNet per worker process for the face probe (built on first use; ~1 ms a call at 320 px)."""
+    global _PROBE_DETECTOR
+    if _PROBE_DETECTOR is None:
+        from rigface.face.detect import YuNetDetector
+
+        _PROBE_DETECTOR = YuNetDetector()
+    return _PROBE_DETECTOR
+
+
+def probe_faces(video: Video, probes: list[int], probe_side: int, min_confidence: float,
+                min_face_size: float) -> list[bool]:
+    """Whether each probed frame holds a face the analyzer would take (a low-resolution YuNet pass)."""
+    import cv2
+
+    frames, _ = video.read_each(probes)
+    det = _probe_detector()
+    out = []
+    for i in probes:
+        frame = frames.get(i)
+        if frame is None:
+            out.append(False)
+            continue
+        h, w = frame.shape[:2]
+        k = min(1.0, probe_side / max(h, w))
+        small = frame if k >= 1.0 else cv2.resize(frame, (round(w * k), round(h * k)), interpolation=cv2.INTER_AREA)
+        out.append(any(d.score >= min_confidence and d.size / k >= min_face_size for d in det.detect(small)))
+    return out
+
+
 def decode_row(row: dict[str, Any], *, n_pairs: int, spare: int, min_gap_seconds: float, seed: int,
-               max_side: int) -> dict[str, Any]:
-    """Open the video, sample candidate pairs (with spares), decode their frames."""
+               max_side: int, probe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Open the video, find where it shows a face (a cheap probe over a frame stride, when `probe` is given),
+    sample candidate pairs (with spares) among those frames, decode them."""
     out = {k: row[k] for k in ("shard", "video_id", "content_hash", "split", "url", "name")}
     out.update(status="", n_frames=0, fps=0.0, candidates="[]", frame_indices=[], frames=None,
-               frame_errors="{}", downscaled=False)
+               frame_errors="{}", downscaled=False, face_coverage=-1.0)
     try:
         with sources.local_copy(row["url"]) as path, Video(path, max_side=max_side) as video:
             info = video.info
             out.update(n_frames=info.n_frames, fps=info.fps, downscaled=info.downscaled)
-            cands = sample_distant_pairs(info.n_frames, info.fps, n_pairs + spare, min_gap_seconds,
-                                         seed=seed, salt=row["content_hash"])
+            if probe:
+                if max_pairs(info.n_frames, min_gap_frames(info.fps, min_gap_seconds)) == 0:
+                    out["status"] = "too_short"
+                    return out
+                probes = probe_indices(info.n_frames, info.fps, probe["every_seconds"], probe["max_probes"])
+                has_face = probe_faces(video, probes, probe["side"], probe["min_confidence"], probe["min_face_size"])
+                out["face_coverage"] = round(sum(has_face) / max(1, len(probes)), 4)
+                if not any(has_face):
+                    out["status"] = "no_face"
+                    return out
+                cands = sample_pairs_among(face_spans(probes, has_face, info.n_frames), info.fps,
+                                           n_pairs + spare, min_gap_seconds, seed=seed, salt=row["content_hash"])
+                if not cands:
+                    out["status"] = "face_too_brief"  # faces, but never two far enough apart
+                    return out
+            else:
+                cands = sample_distant_pairs(info.n_frames, info.fps, n_pairs + spare, min_gap_seconds,
+                                             seed=seed, salt=row["content_hash"])
             if not cands:
                 out["status"] = "too_short"
                 return out
@@ -175,7 +226,8 @@ def build_samples_row(row: dict[str, Any], *, n_pairs: int, min_gap_seconds: flo
     report: dict[str, Any] = {"video_id": row["video_id"], "content_hash": row["content_hash"],
                               "split": row["split"], "url": row["url"], "name": row["name"],
                               "status": row["status"], "n_frames": int(row["n_frames"] or 0),
-                              "fps": float(row["fps"] or 0.0), "frame_skips": {}, "pairs": 0, "replaced": 0}
+                              "fps": float(row["fps"] or 0.0), "frame_skips": {}, "pairs": 0, "replaced": 0,
+                              "face_coverage": float(row.get("face_coverage", -1.0))}
     keys: list[str] = []
     blobs: list[bytes] = []
     if not row["status"]:
@@ -394,7 +446,8 @@ def _run_stages(cfg: RigFaceConfig, pending: dict[str, list[dict]], n_pairs: int
     rows = [{k: r[k] for k in keep} for r in rows]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map(decode_row, fn_kwargs=dict(n_pairs=n_pairs, spare=spare, min_gap_seconds=p.min_gap_seconds,
-                                           seed=p.seed, max_side=p.max_frame_side), num_cpus=task_cpus)
+                                           seed=p.seed, max_side=p.max_frame_side, probe=_probe_settings(cfg)),
+               num_cpus=task_cpus)
     ds = ds.map_batches(
         AnalyzeFrames, fn_constructor_args=(cfg.face, backend_factory), batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=p.num_face_actors),
@@ -425,6 +478,16 @@ def _run_stages(cfg: RigFaceConfig, pending: dict[str, list[dict]], n_pairs: int
         raise PrepareError(f"stream ended with {len(buffers)} incomplete shard(s): {sorted(buffers)[:3]}")
 
 
+def _probe_settings(cfg: RigFaceConfig) -> dict[str, Any] | None:
+    p = cfg.prepare
+    if p.face_probe_every_seconds <= 0:
+        return None
+    # Lenient thresholds: the probe only says where a face is likely (at lower resolution, sizes and scores run
+    # lower); the analyzer's own checks decide on each frame.
+    return {"every_seconds": p.face_probe_every_seconds, "max_probes": p.face_probe_max, "side": p.face_probe_side,
+            "min_confidence": 0.8 * cfg.face.min_confidence, "min_face_size": 0.75 * cfg.face.min_face_size}
+
+
 def _write_one(url: str, videos: dict[str, dict[str, Any]]) -> dict[str, Any]:
     samples = []
     reports = []
@@ -450,11 +513,19 @@ def shard_stats(reports: list[dict[str, Any]]) -> dict[str, Any]:
         "pairs": sum(r["pairs"] for r in reports),
         "pairs_replaced": sum(r.get("replaced", 0) for r in reports),
         "quality": quality_summary([q for r in reports for q in r.get("quality", [])]),
+        # Share of each video's probed frames that showed a face (-1: not probed), and their mean.
+        "face_coverage": _mean_coverage(reports),
         "split": reports[0]["split"] if reports else "",
         # Per-video outcome: what --append de-duplicates on and what the index records.
         "video_reports": [{k: r.get(k) for k in ("video_id", "content_hash", "name", "url", "status", "pairs",
-                                                 "frame_skips", "n_frames", "fps")} for r in reports],
+                                                 "frame_skips", "n_frames", "fps", "face_coverage")}
+                          for r in reports],
     }
+
+
+def _mean_coverage(reports: list[dict[str, Any]]) -> float | None:
+    vals = [float(r["face_coverage"]) for r in reports if float(r.get("face_coverage", -1.0)) >= 0]
+    return round(sum(vals) / len(vals), 4) if vals else None
 
 
 def quality_summary(qualities: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

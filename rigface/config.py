@@ -66,6 +66,11 @@ class PrepareConfig(_Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of videos in the val split")
     jpeg_quality: int = Field(95, ge=50, le=100)
     max_frame_side: int = Field(4096, ge=64, description="frames larger than this are downscaled first")
+    face_probe_every_seconds: float = Field(
+        0.5, ge=0.0, description="before choosing pairs, look for a face every this many seconds (0: off) and "
+        "draw pairs only where one shows")
+    face_probe_max: int = Field(64, ge=2, description="most frames probed per video (the stride widens beyond)")
+    face_probe_side: int = Field(640, ge=64, description="probe frames are downscaled to this longer side")
     num_face_actors: int = Field(1, ge=1)
     face_actor_cpus: float = Field(0.5, gt=0.0)
     face_actor_gpus: float = Field(0.0, ge=0.0)

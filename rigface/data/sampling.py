@@ -2,7 +2,9 @@
 
 The paper trains on two temporally distant frames of one sequence (source -> target). We draw a few spare
 pairs up front so that when face analysis fails on a frame, its pairs are replaced from frames that passed,
-without going back to decode.
+without going back to decode. Face-aware sampling (`probe_indices`, `face_spans`, `sample_pairs_among`): a
+cheap detection pass over a stride of frames finds where the face is, and pairs are drawn there only, so a
+clip whose face shows in part of it still gives its pairs.
 """
 
 from __future__ import annotations
@@ -106,3 +108,64 @@ def replace_failed(
         a, b = extra[int(i)]
         chosen.append((b, a) if rng.random() < 0.5 else (a, b))
     return chosen
+
+
+def probe_indices(n_frames: int, fps: float, every_seconds: float, max_probes: int) -> list[int]:
+    """Frames to look for a face in before choosing pairs: one every `every_seconds`, at most `max_probes`
+    (spread evenly over the whole video), always including the first and the last frame."""
+    if n_frames <= 0:
+        return []
+    step = max(1, int(round(every_seconds * fps)), math.ceil((n_frames - 1) / max(1, max_probes - 1)))
+    idx = list(range(0, n_frames, step))
+    if idx[-1] != n_frames - 1 and len(idx) < max(2, max_probes):
+        idx.append(n_frames - 1)
+    return idx
+
+
+def face_spans(probes: Sequence[int], has_face: Sequence[bool], n_frames: int) -> list[int]:
+    """Frames that lie near a probe with a face: each probe stands for the frames up to halfway to its
+    neighbours, so a clip whose face shows in only part of it yields candidates from that part alone."""
+    frames: list[int] = []
+    for i, (p, ok) in enumerate(zip(probes, has_face)):
+        if not ok:
+            continue
+        lo = 0 if i == 0 else (probes[i - 1] + p) // 2 + 1
+        hi = n_frames - 1 if i == len(probes) - 1 else (p + probes[i + 1]) // 2
+        frames.extend(range(lo, hi + 1))
+    return sorted(set(frames))
+
+
+def sample_pairs_among(
+    frames: Sequence[int], fps: float, n_pairs: int, min_gap_seconds: float, seed: int = 0, salt: str = ""
+) -> list[Pair]:
+    """Like `sample_distant_pairs`, but both frames of each pair come from `frames` (the frames with a face).
+
+    Reproducible for a given (seed, salt); pairs at least min_gap_seconds apart, distinct, random direction.
+    """
+    allowed = np.array(sorted(set(int(f) for f in frames)), dtype=np.int64)
+    gap = min_gap_frames(fps, min_gap_seconds)
+    if allowed.size < 2 or n_pairs <= 0:
+        return []
+    rng = _rng(seed, "faces:" + salt)
+    seen: set[frozenset[int]] = set()
+    pairs: list[Pair] = []
+    # For each a, the partners at least gap later start at index `first[i]` (allowed is sorted).
+    first = np.searchsorted(allowed, allowed + gap, side="left")
+    starts = np.nonzero(first < allowed.size)[0]
+    if starts.size == 0:
+        return []
+    weights = (allowed.size - first[starts]).astype(np.float64)
+    total = int(weights.sum())
+    want = min(n_pairs, total)
+    probs = weights / weights.sum()  # uniform over all valid pairs, not over first frames
+    for _ in range(want * 20):
+        i = int(starts[rng.choice(starts.size, p=probs)])
+        j = int(rng.integers(first[i], allowed.size))
+        a, b = int(allowed[i]), int(allowed[j])
+        if frozenset((a, b)) in seen:
+            continue
+        seen.add(frozenset((a, b)))
+        pairs.append((b, a) if rng.random() < 0.5 else (a, b))
+        if len(pairs) == want:
+            break
+    return pairs

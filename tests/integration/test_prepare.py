@@ -69,16 +69,18 @@ def test_prepare_bad_inputs_resume_and_append(ray_local, videos, tmp_path):
     assert s.videos_listed == 13
     assert s.pairs >= 6 and s.videos_ok >= 3
     skips = s.video_skips
-    for reason in ("empty", "unreadable", "no_video_stream", "too_short", "no_pairs"):
+    # no_face: the decode stage's face probe found none (the face-less clip, and the one too small to take).
+    for reason in ("empty", "unreadable", "no_video_stream", "too_short", "no_face"):
         assert skips.get(reason, 0) >= 1, (reason, skips)
-    assert {"several_faces", "no_face"} <= set(s.frame_skips) or "low_confidence" in s.frame_skips
+    assert "several_faces" in s.frame_skips or "low_confidence" in s.frame_skips
     index = [json.loads(x) for x in (out / "index" / "v001.jsonl").read_text().splitlines()]
     by_name = {r["name"]: r for r in index}
     assert by_name["bad/zero.mp4"]["status"] == "empty"
     assert by_name["bad/audio.mp4"]["status"] == "no_video_stream"
     assert by_name["bad/short.mp4"]["status"] == "too_short"
     assert by_name["bad/twofaces.mp4"]["frame_skips"].get("several_faces", 0) > 0
-    assert by_name["bad/tiny.mp4"]["status"] == "no_pairs" and by_name["bad/noface.mp4"]["status"] == "no_pairs"
+    assert by_name["bad/tiny.mp4"]["status"] == "no_face" and by_name["bad/noface.mp4"]["status"] == "no_face"
+    assert by_name["bad/noface.mp4"]["face_coverage"] == 0.0 and by_name["huge.mp4"]["face_coverage"] == 1.0
     assert by_name["huge.mp4"]["pairs"] > 0 and by_name["gray.mkv"]["pairs"] > 0
     assert by_name["vidéo été/b.mp4"]["pairs"] > 0
 
