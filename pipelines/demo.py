@@ -162,7 +162,7 @@ def download_model(model_uri: str, folder: Path) -> str:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(folder)))
-    if not ((local / "model_index.json").exists() or (local / "rigface.json").exists()):
+    if not (local / "model_index.json").exists():
         raise DemoError(f"{model_uri} holds no saved RigFace model (downloaded to {local})")
     return str(local)
 

@@ -171,13 +171,12 @@ class EditScoreActor:
     def __init__(self, cfg: RigFaceConfig, model: str, steps: int, seed: int, save_url: str | None):
         import torch
 
-        from rigface.edit import resolve_model_uri
-        from rigface.model import RigFacePipeline, load_rigface
+        from rigface.model import load_rigface
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.float16 if device == "cuda" else torch.float32
-        components = load_rigface(resolve_model_uri(model), device=device, dtype=dtype)
-        self.edit_fn = pipeline_edit_fn(RigFacePipeline.from_components(components), steps, seed)
+        ev = cfg.evaluate  # fp32 and the model's own sampler unless the config opts out
+        pipe = load_rigface(model, device=device, dtype=ev.torch_dtype(), scheduler=ev.scheduler)
+        self.edit_fn = pipeline_edit_fn(pipe, steps, seed)
         self.scorer = PairScorer.build(lpips_net=cfg.evaluate.lpips_net, face_cfg=cfg.face, device=device)
         self.save_url = save_url
 

@@ -121,6 +121,16 @@ class EvaluateConfig(_Section):
     use_gpu: bool | None = Field(None, description="one GPU per editing actor; None: whether the cluster has GPUs now")
     actor_cpus: float = Field(0.5, gt=0.0)
     seed: int = 0
+    # Edit and evaluate: the authors sampled in fp32; bf16/fp16 are faster on GPUs and drift slightly from it.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # A diffusers scheduler class (e.g. DDIMScheduler) built from the model's scheduler config; None: the model's
+    # own (the authors' UniPC schedule for models saved by rigface).
+    scheduler: str | None = Field(None, pattern=r"^[A-Za-z0-9]+Scheduler$")
+
+    def torch_dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
 
 class DemoConfig(_Section):

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -60,37 +58,14 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise EditError(f"not a readable image: {path}") from exc
 
 
-def resolve_model_uri(uri: str) -> str:
-    """A local folder holding a saved RigFace model, for a local path, an s3:// URI or an MLflow model URI."""
-    if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        import mlflow
-
-        dst = tempfile.mkdtemp(prefix="rigface-model-")
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
-        return _model_root(Path(local))
-    return uri
-
-
-def _model_root(path: Path) -> str:
-    """The folder that holds the model (an MLflow artifact may wrap it in one more folder)."""
-    if (path / "model_index.json").exists() or (path / "rigface.json").exists():
-        return str(path)
-    subdirs = [p for p in path.iterdir() if p.is_dir()]
-    if len(subdirs) == 1:
-        return _model_root(subdirs[0])
-    return str(path)
-
-
 class PortraitEditor:
     """Face analysis + a loaded RigFace pipeline; build once, edit many portraits."""
 
-    def __init__(self, components, cfg: RigFaceConfig, analyzer=None):
+    def __init__(self, pipeline, cfg: RigFaceConfig, analyzer=None):
         from rigface.face import FaceAnalyzer
-        from rigface.model import RigFacePipeline
 
         self.cfg = cfg
-        self.components = components
-        self.pipeline = RigFacePipeline.from_components(components)
+        self.pipeline = pipeline  # a RigFacePipeline
         self.analyzer = analyzer or FaceAnalyzer(cfg.face)
 
     @classmethod
@@ -100,9 +75,8 @@ class PortraitEditor:
         from rigface.model import load_rigface
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float16 if device == "cuda" else torch.float32
-        components = load_rigface(resolve_model_uri(model), device=device, dtype=dtype)
-        return cls(components, cfg)
+        ev = cfg.evaluate  # fp32 and the model's own sampler unless the config opts out
+        return cls(load_rigface(model, device=device, dtype=ev.torch_dtype(), scheduler=ev.scheduler), cfg)
 
     def _fit(self, image: np.ndarray, role: str):
         from rigface.face.types import FaceSkip

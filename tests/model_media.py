@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import save_file
 
 from rigface.model.presets import SD15_SCHEDULER, TINY_UNET, TINY_VAE
 
@@ -41,3 +42,25 @@ def write_tiny_sd_folder(root: Path) -> Path:
     DDPMScheduler.from_config(SD15_SCHEDULER).save_pretrained(root / "scheduler")
     _tiny_clip(root)
     return root
+
+
+def write_released_folder(root: Path, model, seed: int, checkpoint: str | None = "checkpoint-70000") -> dict:
+    """The authors' release layout with random weights of ``model``'s shapes: ``unet_denoise/`` and ``unet_id/``,
+    each a diffusers UNet (today's key names are diffusers 0.22's) plus ``au_aug_mlp.*`` in unet_denoise, under
+    ``checkpoint-N/`` as published (or directly in the part folder when ``checkpoint`` is None). Returns the
+    tensors written, per part."""
+    g = torch.Generator().manual_seed(seed)
+    written = {}
+    for part in ("unet_denoise", "unet_id"):
+        unet = getattr(model, part)
+        state = {k: torch.randn(v.shape, generator=g) for k, v in unet.state_dict().items()}
+        if part == "unet_denoise":
+            state["au_aug_mlp.weight"] = torch.randn(model.expression_proj.weight.shape, generator=g)
+            state["au_aug_mlp.bias"] = torch.randn(model.expression_proj.bias.shape, generator=g)
+        folder = root / part / checkpoint if checkpoint else root / part
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
+                                                        "_diffusers_version": "0.22.0", **unet.config}))
+        written[part] = state
+    return written

@@ -10,8 +10,10 @@ Public API (imported lazily, so ``rigface.model.config`` stays light and torch-f
     training_step(components, batch, generator=None, model=None) -> scalar loss
     RigFacePipeline.from_components(components, scheduler=None)(source, background, render, expression,
         num_inference_steps=50, generator=None, output_type="pil" | "np" | "pt")
-    save_rigface(components, path) / load_rigface(path_or_s3_uri, device="cpu", dtype=None)
-    load_released(model, folder), CheckpointError, BatchError
+        (the scheduler defaults to authors_sampler(noise_config): UniPC as the authors sampled)
+    save_rigface(components_or_pipeline, path) / load_rigface(uri, device="cpu", dtype=None, scheduler=None)
+        -> RigFacePipeline: the pipeline's own diffusers folder, local, s3:// or MLflow URI
+    load_released(model, uri, checkpoint=None), CheckpointError, BatchError
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ _EXPORTS = {
     "encode_images": "rigface.model.training",
     "BatchError": "rigface.model.training",
     "RigFacePipeline": "rigface.model.pipeline",
+    "PromptEmbedding": "rigface.model.pipeline",
+    "authors_sampler": "rigface.model.pipeline",
     "save_rigface": "rigface.model.checkpoint",
     "load_rigface": "rigface.model.checkpoint",
     "load_released": "rigface.model.released",
@@ -53,7 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from rigface.model.checkpoint import load_rigface, save_rigface
     from rigface.model.config import ModelConfig
     from rigface.model.facefusion import FaceFusionAttnProcessor
-    from rigface.model.pipeline import RigFacePipeline
+    from rigface.model.pipeline import PromptEmbedding, RigFacePipeline, authors_sampler
     from rigface.model.released import CheckpointError, load_released, map_released_key
     from rigface.model.rigface_model import AttributeRigger, RigFaceModel
     from rigface.model.training import BatchError, encode_images, training_step

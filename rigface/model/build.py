@@ -54,8 +54,7 @@ def build_rigface(cfg: ModelConfig, seed: int = 0) -> RigFaceComponents:
     else:
         components = _random(cfg, seed)
     if cfg.released:
-        with local_folder(cfg.released) as folder:
-            load_released(components.model, folder)
+        load_released(components.model, cfg.released, cfg.released_checkpoint)
     components.model.train()
     return components
 

@@ -1,99 +1,107 @@
-"""A trained RigFace model folder: everything the editor needs, nothing it must fetch elsewhere.
-
-Layout (local folder or s3:// prefix)::
-
-    rigface.json                     format version, the ModelConfig used, file list
-    model/config.json                RigFaceModel config (both UNet configs, expression_dim, conditioning)
-    model/diffusion_pytorch_model.safetensors
-    vae/config.json, vae/diffusion_pytorch_model.safetensors
-    scheduler/scheduler_config.json  the training noise schedule (the pipeline derives UniPC from it)
-    text_embedding.safetensors       the cached prompt embedding, key 'text_embedding' (1, 77, dim)
-"""
+"""A trained RigFace model on storage: the RigFacePipeline's own diffusers folder, on a local path or s3://, or
+an MLflow model URI. Downloaded copies are removed once the weights are in memory."""
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler
-from safetensors.torch import load_file, save_file
 
 from rigface.model.build import RigFaceComponents, download_folder
-from rigface.model.config import ModelConfig
+from rigface.model.pipeline import RigFacePipeline
 from rigface.model.released import CheckpointError
-from rigface.model.rigface_model import RigFaceModel
 
 log = logging.getLogger(__name__)
 
-FORMAT = "rigface-model"
-FORMAT_VERSION = 1
-MANIFEST = "rigface.json"
+INDEX = "model_index.json"  # diffusers' pipeline index: written by save_pretrained, required by from_pretrained
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
-def save_rigface(components: RigFaceComponents, path: str) -> str:
-    """Write the model folder to a local path or an s3:// prefix (staged locally, then uploaded)."""
+def save_rigface(model: RigFaceComponents | RigFacePipeline, path: str) -> str:
+    """Write the model folder to a local path or an s3:// prefix. Components get the authors' sampler.
+
+    Staged in a temporary folder first: a reader never sees a half-written model (locally the finished folder is
+    renamed into place; on S3 the index goes up last, and a folder without it does not load).
+    """
+    pipe = model if isinstance(model, RigFacePipeline) else RigFacePipeline.from_components(model)
     if path.startswith("s3://"):
         from rigface.data import storage
 
         with tempfile.TemporaryDirectory(prefix="rigface-save-") as tmp:
-            _save_local(components, Path(tmp))
-            # The manifest goes up last: a reader that finds it finds every file it lists.
-            for f in sorted(Path(tmp).rglob("*"), key=lambda p: (p.name == MANIFEST, str(p))):
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            for f in sorted(Path(tmp).rglob("*"), key=lambda p: (p.name == INDEX, str(p))):
                 if f.is_file():
                     storage.upload_file(f, storage.join(path, f.relative_to(tmp).as_posix()))
         return path
-    _save_local(components, Path(path))
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
-def _save_local(components: RigFaceComponents, root: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    components.model.save_pretrained(root / "model", safe_serialization=True)
-    components.vae.save_pretrained(root / "vae", safe_serialization=True)
-    components.noise_scheduler.save_pretrained(root / "scheduler")
-    emb = components.text_embedding.detach().to("cpu", torch.float32).contiguous()
-    save_file({"text_embedding": emb}, str(root / "text_embedding.safetensors"))
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "config": components.config.model_dump(mode="json"),
-        "files": sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()),
-    }
-    # The manifest goes last: a folder without it is an unfinished save.
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(root / MANIFEST)
+def load_rigface(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 scheduler: str | None = None) -> RigFacePipeline:
+    """The RigFacePipeline saved at ``uri``: a local folder, an s3:// prefix, or an MLflow URI (``models:/name/1``,
+    ``runs:/ID/model``). Loads in the saved dtype (fp32) unless ``dtype`` is given, with the saved scheduler unless
+    ``scheduler`` names another diffusers scheduler class (built from the saved scheduler's config)."""
+    with model_folder(uri) as local:
+        if not (Path(local) / INDEX).is_file():
+            raise CheckpointError(f"{uri} is not a RigFace model folder (no {INDEX})")
+        try:
+            pipe = RigFacePipeline.from_pretrained(local, torch_dtype=dtype)
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{uri}: not a loadable RigFace model: {exc}") from exc
+    pipe.vae.requires_grad_(False)
+    pipe.model.eval()
+    pipe.vae.eval()
+    if scheduler:
+        import diffusers
+        from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+        cls = getattr(diffusers, scheduler, None)
+        if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+            raise CheckpointError(f"{scheduler!r} is not a diffusers scheduler class")
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return pipe.to(device)
 
 
-def load_rigface(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> RigFaceComponents:
-    """Load a model folder written by ``save_rigface`` (local path or s3:// URI)."""
-    tmp = None
-    if path.startswith("s3://"):
-        tmp = download_folder(path)
-        root = Path(tmp)
-    else:
-        root = Path(path)
+@contextmanager
+def model_folder(uri: str) -> Iterator[str]:
+    """A local folder holding the saved model; a downloaded copy (S3, MLflow) is deleted on exit."""
+    if not uri.startswith(("s3://", *MLFLOW_SCHEMES)):
+        if not Path(uri).exists():
+            raise CheckpointError(f"model folder not found: {uri}")
+        yield uri
+        return
+    tmp = tempfile.mkdtemp(prefix="rigface-model-")
     try:
-        manifest_path = root / MANIFEST
-        if not manifest_path.is_file():
-            raise CheckpointError(f"{path} is not a RigFace model folder (no {MANIFEST})")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{path}: unsupported format {manifest.get('format')!r} "
-                                  f"v{manifest.get('format_version')}")
-        cfg = ModelConfig.model_validate(manifest["config"])
-        model = RigFaceModel.from_pretrained(root / "model", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype)
-        vae.requires_grad_(False).eval()
-        scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
-        text = load_file(str(root / "text_embedding.safetensors"))["text_embedding"]
-        model.eval()
-        components = RigFaceComponents(model, vae, text, scheduler, cfg)
-        return components.to(device=device, dtype=dtype)
+        if uri.startswith("s3://"):
+            yield download_folder(uri, dst=tmp)
+        else:
+            import mlflow
+
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+            yield _model_root(Path(local))
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _model_root(path: Path) -> str:
+    """The folder that holds the index (an MLflow artifact may wrap the model in one more folder)."""
+    if (path / INDEX).exists():
+        return str(path)
+    subdirs = [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
+    return _model_root(subdirs[0]) if len(subdirs) == 1 else str(path)

@@ -1,15 +1,58 @@
-"""RigFacePipeline: source + background + render + expression -> edited portrait."""
+"""RigFacePipeline: source + background + render + expression -> edited portrait.
+
+A saved model is this pipeline's own diffusers folder (``save_pretrained`` / ``from_pretrained``)::
+
+    model_index.json     the pipeline: its class, its components, its resolution
+    model/               RigFaceModel (both UNets, expression projection): config.json + safetensors
+    vae/                 AutoencoderKL
+    scheduler/           the sampler, by default the authors' UniPC schedule (see ``authors_sampler``)
+    text_embedding/      PromptEmbedding: the fixed prompt's CLIP embedding (1, 77, dim) and the prompt
+"""
 
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UniPCMultistepScheduler
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
 
+from rigface.model.build import TEXT_TOKENS
 from rigface.model.rigface_model import RigFaceModel
+
+
+class PromptEmbedding(ModelMixin, ConfigMixin):
+    """The fixed prompt's text-encoder output, computed once: a pipeline component, so it saves and loads with the
+    pipeline in diffusers' own format (CLIP itself is needed only to build a model, never to run one)."""
+
+    @register_to_config
+    def __init__(self, dim: int = 768, tokens: int = TEXT_TOKENS, prompt: str = ""):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(1, tokens, dim), requires_grad=False)
+
+    @classmethod
+    def from_tensor(cls, embedding: torch.Tensor, prompt: str = "") -> "PromptEmbedding":
+        if embedding.ndim != 3 or embedding.shape[0] != 1:
+            raise ValueError(f"text embedding must be (1, tokens, dim), got {tuple(embedding.shape)}")
+        module = cls(dim=embedding.shape[2], tokens=embedding.shape[1], prompt=prompt)
+        with torch.no_grad():
+            module.embedding.copy_(embedding.detach().float())
+        return module
+
+
+def authors_sampler(noise_config: Mapping[str, Any]) -> UniPCMultistepScheduler:
+    """UniPC on the model's noise schedule, as the authors sampled: their code built UniPC from SD-1.5's scheduler
+    config under diffusers 0.22, i.e. linspace spacing (999, 979, ..., 20 for 50 steps) ending at sigma(t=0)
+    (~0.0292). Current diffusers needs both settings spelled out: a DDPM config saved today says 'leading'
+    (951, 932, ...) and UniPC now ends at sigma 0 by default."""
+    return UniPCMultistepScheduler.from_config(dict(noise_config), timestep_spacing="linspace",
+                                               final_sigmas_type="sigma_min")
 
 
 class RigFacePipeline(DiffusionPipeline):
@@ -17,28 +60,34 @@ class RigFacePipeline(DiffusionPipeline):
 
     The Identity Encoder runs once per image; each step is one Denoising UNet evaluation on the plain batch (the
     released code's guidance duplicated the batch with identical halves: a no-op at twice the cost, left out).
-    UniPC with the model's noise schedule by default; pass any diffusers scheduler to change it.
+    The scheduler is whatever the pipeline holds: the authors' UniPC for a fresh model (``from_components``),
+    the saved one for a loaded model; swap it as in any diffusers pipeline
+    (``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``).
     """
 
     model_cpu_offload_seq = "model->vae"
 
     def __init__(self, model: RigFaceModel, vae: AutoencoderKL, scheduler: SchedulerMixin,
-                 text_embedding: torch.Tensor | None = None, resolution: int | None = None):
+                 text_embedding: PromptEmbedding, resolution: int | None = None):
         super().__init__()
-        self.register_modules(model=model, vae=vae, scheduler=scheduler)
-        if text_embedding is None:
-            raise ValueError("RigFacePipeline needs the cached text embedding (1, 77, dim)")
-        self.text_embedding = text_embedding
-        self.resolution = resolution
+        if not isinstance(text_embedding, PromptEmbedding):
+            raise TypeError("text_embedding must be a PromptEmbedding (PromptEmbedding.from_tensor(t, prompt))")
+        self.register_modules(model=model, vae=vae, scheduler=scheduler, text_embedding=text_embedding)
+        self.register_to_config(resolution=resolution)
         self.set_progress_bar_config(disable=True)  # quiet by default; callers may turn it back on
+
+    @property
+    def resolution(self) -> int | None:
+        return self.config.resolution
 
     @classmethod
     def from_components(cls, components, scheduler: SchedulerMixin | None = None) -> "RigFacePipeline":
-        """A pipeline over built or loaded RigFaceComponents; UniPC from their noise schedule unless given."""
+        """A pipeline over built RigFaceComponents; the authors' UniPC on their noise schedule unless given."""
         if scheduler is None:
-            scheduler = UniPCMultistepScheduler.from_config(components.noise_scheduler.config)
-        return cls(components.model, components.vae, scheduler, components.text_embedding,
-                   resolution=components.config.resolution)
+            scheduler = authors_sampler(components.noise_scheduler.config)
+        text = PromptEmbedding.from_tensor(components.text_embedding, components.config.prompt)
+        text.to(device=components.text_embedding.device)
+        return cls(components.model, components.vae, scheduler, text, resolution=components.config.resolution)
 
     # ------------------------------------------------------------------ inputs
 
@@ -116,7 +165,7 @@ class RigFacePipeline(DiffusionPipeline):
         latents_all = self._encode(torch.cat([src, bg, rd], 0)).to(dtype)
         source_lat, bg_lat, rd_lat = latents_all.split(batch)
         cond = torch.cat([bg_lat, rd_lat], dim=1)
-        text = self.text_embedding.to(device=device, dtype=dtype)
+        text = self.text_embedding.embedding.to(device=device, dtype=dtype)
         exp = exp.to(device=device, dtype=dtype)
         identity = model.encode_identity(source_lat, text)  # once per image, reused at every step
 

@@ -1,4 +1,5 @@
-"""Model folders on the real local S3: SD-1.5 initialisation from s3:// and a trained model's save/load round trip."""
+"""Model folders on the real local S3 and MLflow: SD-1.5 initialisation from s3://, the authors' release layout
+from s3://, a trained model's save/load round trip, and no downloaded copy left behind by any of them."""
 
 from __future__ import annotations
 
@@ -8,38 +9,79 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_media import write_tiny_sd_folder
+from model_media import write_released_folder, write_tiny_sd_folder
 from rigface.data import storage
 from rigface.model import ModelConfig, build_rigface, load_rigface, save_rigface
 
 pytestmark = pytest.mark.integration
 
 
-def _temp_downloads() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).glob("rigface-weights-*")}
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """Every temporary file or folder made through `tempfile` lands here, so a leftover download shows."""
+    d = tmp_path / "tmp"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
 
 
-def test_init_from_stable_diffusion_on_s3(stack, s3_prefix, tmp_path):
-    local = write_tiny_sd_folder(tmp_path / "sd15")
+def _upload_tree(local: Path, url: str) -> None:
     for f in local.rglob("*"):
         if f.is_file():
-            storage.upload_file(f, storage.join(s3_prefix, "sd15", f.relative_to(local).as_posix()))
-    before = _temp_downloads()
+            storage.upload_file(f, storage.join(url, f.relative_to(local).as_posix()))
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_init_from_stable_diffusion_on_s3(stack, s3_prefix, tmp_path, private_tmp):
+    local = write_tiny_sd_folder(tmp_path / "sd15")
+    _upload_tree(local, storage.join(s3_prefix, "sd15"))
     from_s3 = build_rigface(ModelConfig(preset="sd15", pretrained=storage.join(s3_prefix, "sd15"), resolution=64))
     from_disk = build_rigface(ModelConfig(preset="sd15", pretrained=str(local), resolution=64))
-    for (k, a), (_, b) in zip(from_s3.model.state_dict().items(), from_disk.model.state_dict().items()):
-        assert torch.equal(a, b), k
+    _same_weights(from_s3.model, from_disk.model)
     assert torch.equal(from_s3.text_embedding, from_disk.text_embedding)
-    assert _temp_downloads() == before, "the downloaded SD-1.5 copy is removed once loaded"
+    assert list(private_tmp.iterdir()) == [], "the downloaded SD-1.5 copy is removed once loaded"
 
 
-def test_trained_model_save_load_round_trip_on_s3(stack, s3_prefix):
+def test_released_layout_loads_from_s3(stack, s3_prefix, tmp_path, private_tmp):
+    sd = write_tiny_sd_folder(tmp_path / "sd15")
+    cfg = ModelConfig(preset="sd15", pretrained=str(sd), expression_dim=64, resolution=64)
+    release = tmp_path / "released"
+    newest = write_released_folder(release, build_rigface(cfg).model, seed=3, checkpoint="checkpoint-70000")
+    write_released_folder(release, build_rigface(cfg).model, seed=4, checkpoint="checkpoint-500")
+    url = storage.join(s3_prefix, "rigface-release")
+    _upload_tree(release, url)
+    from_s3 = build_rigface(cfg.model_copy(update={"released": url}))
+    from_disk = build_rigface(cfg.model_copy(update={"released": str(release)}))
+    _same_weights(from_s3.model, from_disk.model)
+    assert torch.equal(from_s3.model.expression_proj.weight, newest["unet_denoise"]["au_aug_mlp.weight"])
+    assert list(private_tmp.iterdir()) == [], "the downloaded release is removed once loaded"
+
+
+def test_trained_model_round_trip_on_s3_and_mlflow_leaves_no_copy(stack, s3_prefix, tmp_path, private_tmp):
+    import mlflow
+
     c = build_rigface(ModelConfig(preset="tiny", resolution=64))
     url = storage.join(s3_prefix, "model")
     save_rigface(c, url)
     names = [u[len(url) + 1:] for u in storage.list_urls(url)]
-    assert "rigface.json" in names and any(n.startswith("model/") for n in names)
-    back = load_rigface(url)
-    for (k, a), (_, b) in zip(c.model.state_dict().items(), back.model.state_dict().items()):
-        assert torch.equal(a, b), k
-    assert torch.equal(c.text_embedding, back.text_embedding)
+    assert "model_index.json" in names and any(n.startswith("model/") for n in names)
+    assert not any(n.endswith("rigface.json") for n in names)
+    saved = tmp_path / "saved"
+    save_rigface(c, str(saved))
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.create_experiment(f"model-s3-{s3_prefix.rsplit('/', 1)[-1]}")).info.run_id
+    client.log_artifacts(run, str(saved), artifact_path="model")
+    client.set_terminated(run)
+    for uri in (url, f"runs:/{run}/model"):
+        back = load_rigface(uri)
+        _same_weights(back.model, c.model)
+        assert torch.equal(back.text_embedding.embedding, c.text_embedding)
+        back.scheduler.set_timesteps(50)
+        assert back.scheduler.timesteps[0] == 999 and abs(float(back.scheduler.sigmas[-1]) - 0.0292) < 1e-4
+        assert list(private_tmp.iterdir()) == [], f"a downloaded copy of {uri} was left behind"

@@ -8,9 +8,8 @@ import pytest
 import torch
 import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import save_file
 
-from model_media import write_tiny_sd_folder
+from model_media import write_released_folder, write_tiny_sd_folder
 from rigface.config import RigFaceConfig
 from rigface.model import CheckpointError, ModelConfig, RigFaceModel, build_rigface, load_released, map_released_key
 from rigface.model.presets import SD15_UNET, SD15_VAE, unet_configs
@@ -77,44 +76,51 @@ def test_prompt_changes_text_embedding(sd_folder):
     assert a.shape == (1, 77, 32) and not torch.equal(a, b)
 
 
-def _released_folder(root: Path, model: RigFaceModel) -> Path:
-    """unet_denoise/ and unet_id/ as the authors ship them: UNet keys plus au_aug_mlp.* in unet_denoise."""
-    g = torch.Generator().manual_seed(5)
-    for part in ("unet_denoise", "unet_id"):
-        state = {k: torch.randn(v.shape, generator=g) for k, v in getattr(model, part).state_dict().items()}
-        if part == "unet_denoise":
-            state["au_aug_mlp.weight"] = torch.randn(model.expression_proj.weight.shape, generator=g)
-            state["au_aug_mlp.bias"] = torch.randn(model.expression_proj.bias.shape, generator=g)
-        (root / part).mkdir(parents=True)
-        save_file(state, str(root / part / "diffusion_pytorch_model.safetensors"))
-    return root
-
-
-def test_released_key_map_loads(tmp_path):
-    cfg = ModelConfig(preset="tiny", expression_dim=64, resolution=64)
+def test_released_key_map_loads_the_published_layout(sd_folder, tmp_path):
+    """unet_denoise/checkpoint-N/ and unet_id/checkpoint-N/ as published: the newest loads unless one is named."""
+    cfg = ModelConfig(preset="sd15", pretrained=str(sd_folder), expression_dim=64, resolution=64)
     model = build_rigface(cfg).model
-    folder = _released_folder(tmp_path / "released", model)
-    from safetensors.torch import load_file
-
-    denoise = load_file(str(folder / "unet_denoise" / "diffusion_pytorch_model.safetensors"))
-    c = build_rigface(cfg.model_copy(update={"released": str(folder)}))
-    assert torch.equal(c.model.expression_proj.weight, denoise["au_aug_mlp.weight"])
-    assert torch.equal(c.model.unet_denoise.conv_in.weight, denoise["conv_in.weight"])
+    root = tmp_path / "released"
+    newest = write_released_folder(root, model, seed=5, checkpoint="checkpoint-70000")
+    older = write_released_folder(root, model, seed=6, checkpoint="checkpoint-9000")
+    c = build_rigface(cfg.model_copy(update={"released": str(root)}))
+    assert torch.equal(c.model.expression_proj.weight, newest["unet_denoise"]["au_aug_mlp.weight"])
+    assert torch.equal(c.model.unet_denoise.conv_in.weight, newest["unet_denoise"]["conv_in.weight"])
+    assert torch.equal(c.model.unet_id.conv_in.weight, newest["unet_id"]["conv_in.weight"])
+    named = build_rigface(cfg.model_copy(update={"released": str(root), "released_checkpoint": "checkpoint-9000"}))
+    assert torch.equal(named.model.expression_proj.bias, older["unet_denoise"]["au_aug_mlp.bias"])
     assert map_released_key("unet_id", "conv_in.weight") == "unet_id.conv_in.weight"
     assert map_released_key("unet_denoise", "au_aug_mlp.bias") == "expression_proj.bias"
+    with pytest.raises(CheckpointError, match=r"no checkpoint-5/ .*checkpoint-70000, checkpoint-9000"):
+        load_released(model, root, "checkpoint-5")
 
 
 def test_released_mismatch_is_a_clear_error(tmp_path):
     model = build_rigface(ModelConfig(preset="tiny", expression_dim=64)).model
-    folder = _released_folder(tmp_path / "released", model)
+    write_released_folder(tmp_path / "released", model, seed=5, checkpoint=None)  # flat: part/*.safetensors
+    load_released(model, tmp_path / "released")
     wrong_dim = build_rigface(ModelConfig(preset="tiny", expression_dim=52)).model
     with pytest.raises(CheckpointError, match="shape"):
-        load_released(wrong_dim, folder)
+        load_released(wrong_dim, tmp_path / "released")
     rigger = build_rigface(ModelConfig(preset="tiny", expression_dim=64, conditioning="rigger")).model
     with pytest.raises(CheckpointError, match="concat"):
-        load_released(rigger, folder)
+        load_released(rigger, tmp_path / "released")
+    (tmp_path / "empty" / "unet_denoise" / "checkpoint-1").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="no safetensors"):
         load_released(model, tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_released(model, tmp_path / "nowhere")
+
+
+def test_released_without_pretrained_is_a_config_error():
+    from rigface.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"model\.released: .*needs model\.pretrained.*VAE and CLIP"):
+        load_config([], ["model.released=s3://b/rigface"], environ={})
+    cfg = load_config([], ["model.released=s3://b/rigface", "model.pretrained=s3://b/sd15"], environ={})
+    assert cfg.model.released == "s3://b/rigface"
+    with pytest.raises(ConfigError, match="released_checkpoint"):
+        load_config([], ["model.released_checkpoint=70000"], environ={})
 
 
 @pytest.mark.parametrize("name,preset,resolution", [("tiny", "tiny", 64), ("sd15", "sd15", 512)])
