@@ -151,16 +151,6 @@ class ReportBuilder:
         self.samples += n
         self.skips[reason] += n
 
-    def merge(self, other: "ReportBuilder") -> "ReportBuilder":
-        for m in PER_PAIR:
-            self.sums[m] += other.sums[m]
-        self.counts.update(other.counts)
-        self.skips.update(other.skips)
-        self.samples += other.samples
-        self.fid_edited.merge(other.fid_edited)
-        self.fid_target.merge(other.fid_target)
-        return self
-
     def build(self, info: dict | None = None) -> EvalReport:
         metrics: dict[str, float | None] = {k: None for k in COLUMNS}
         counts = {"samples": self.samples}

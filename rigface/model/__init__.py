@@ -29,7 +29,6 @@ _EXPORTS = {
     "init_from_sd_unet": "rigface.model.build",
     "encode_prompt": "rigface.model.build",
     "training_step": "rigface.model.training",
-    "encode_images": "rigface.model.training",
     "BatchError": "rigface.model.training",
     "RigFacePipeline": "rigface.model.pipeline",
     "PromptEmbedding": "rigface.model.pipeline",
@@ -60,4 +59,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from rigface.model.pipeline import PromptEmbedding, RigFacePipeline, authors_sampler
     from rigface.model.released import CheckpointError, load_released, map_released_key
     from rigface.model.rigface_model import AttributeRigger, RigFaceModel
-    from rigface.model.training import BatchError, encode_images, training_step
+    from rigface.model.training import BatchError, training_step

@@ -34,13 +34,6 @@ def check_batch(batch: Mapping[str, torch.Tensor], expression_dim: int) -> int:
     return shape[0]
 
 
-@torch.no_grad()
-def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-    """Unscaled VAE latents (the distribution's mode) of images in [-1, 1], as the released model uses for the
-    source, background and render."""
-    return vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-
-
 def training_step(components, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
                   model: torch.nn.Module | None = None) -> torch.Tensor:
     """Scalar MSE loss for one batch.
