@@ -157,3 +157,36 @@ def feat_clip(name: str, dst: str | Path, start: int, stop: int, step: int = 1, 
     idx = list(range(start, min(stop, len(v)), step))
     frames = list(v.get_batch(idx).asnumpy())
     return write_video(dst, frames, fps=fps or v.get_avg_fps() / step)
+
+
+# ---- hand-drawn reference head masks (tests/data/head_masks.json) of the photos and frames above
+
+
+def reference_head_masks() -> dict[str, dict]:
+    """name -> {"image": RGB frame, "head": bool mask, "hair": bool mask, "hair_kind": str} in frame pixels."""
+    import json
+
+    import cv2
+
+    spec = json.loads((Path(__file__).parent / "data" / "head_masks.json").read_text())
+    out = {}
+    for name, ref in spec["images"].items():
+        kind, *args = ref["source"]
+        if kind == "feat_video":
+            img = feat_frames(args[0], [args[1]])[0]
+        elif kind == "feat_photo":
+            img = feat_photo(args[0])
+        elif kind == "skimage":
+            img = astronaut()
+        else:
+            img = grace_hopper()
+
+        def poly(points):
+            m = np.zeros(img.shape[:2], np.uint8)
+            cv2.fillPoly(m, [np.array(points, np.int32)], 1)
+            return m.astype(bool)
+
+        head = poly(ref["head"])
+        hair = poly(ref["hair"]) & head if "hair" in ref else head & ~poly(ref["skin"])
+        out[name] = {"image": img, "head": head, "hair": hair, "hair_kind": ref["hair_kind"]}
+    return out

@@ -13,7 +13,7 @@ class FaceConfig(BaseModel):
     detector: Literal["yunet", "mediapipe", "insightface"] = "yunet"
     fit: Literal["landmarker", "deca"] = "landmarker"
     expression: Literal["blendshapes", "deep3d"] = "blendshapes"
-    mask: Literal["landmarks", "bisenet"] = "landmarks"
+    mask: Literal["landmarks", "grabcut", "bisenet"] = "landmarks"
     identity: Literal["sface", "arcface"] = "sface"
     crop_size: int = Field(512, gt=0)
     multi_face: Literal["largest", "skip"] = "largest"
@@ -35,7 +35,7 @@ class FaceConfig(BaseModel):
         0.25, ge=0.0, le=1.0, description="frames whose crop needs more padding than this (area fraction) are "
         "a recorded skip too_much_padding")
     detect_max_side: int = Field(1280, ge=64, description="frames larger than this are downscaled for detection")
-    mask_work_size: int = Field(160, ge=32, description="GrabCut runs at this size, then is upscaled")
+    mask_work_size: int = Field(128, ge=32, description="the head mask is computed at this size, then upscaled")
     # Folder or s3:// URI with user-supplied weights for the paper-faithful backends (rigface.face.backends).
     weights: str | None = None
     # File names below are relative to `weights` unless absolute paths or URIs.
