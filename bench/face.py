@@ -50,6 +50,15 @@ def main() -> None:
     det = an.choose(an.detect(frame))
     crop = fit.crop
     lm = an.landmarker(crop)
+    from rigface.face import quality
+    from rigface.face.detect import YuNetDetector
+    from rigface.face.mask import LandmarkGrabCutMask
+
+    grabcut = LandmarkGrabCutMask()
+    probe = YuNetDetector()  # what the decode stage's face probe runs, on a frame downscaled to 640 px
+    import cv2
+
+    probe_frame = cv2.resize(cv2.copyMakeBorder(frame, 14, 14, 224, 224, cv2.BORDER_REFLECT), (640, 360))
     normals = geometry.vertex_normals(geometry.image_to_view(fit.mesh), an.mesh.triangles)
 
     rows = [
@@ -58,7 +67,10 @@ def main() -> None:
         ("landmarks+blendshapes (MediaPipe)", _time(lambda: an.landmarker(crop), n)),
         ("pose fit (Umeyama)", _time(lambda: geometry.fit_pose(fit.mesh, an.mesh.vertices), n)),
         ("SH lighting + skin albedo fit", _time(lambda: geometry.fit_lighting(crop, fit.mesh, normals), n)),
-        ("head mask (GrabCut @160)", _time(lambda: an.masker(crop, lm.landmarks), n)),
+        ("head mask (colour prior @128)", _time(lambda: an.masker(crop, lm.landmarks), n)),
+        ("head mask (GrabCut @160, old)", _time(lambda: grabcut(crop, lm.landmarks), n)),
+        ("crop quality (sharpness, lm conf)", _time(lambda: quality.crop_quality(crop, lm.landmarks, None), n)),
+        ("face probe (YuNet @640, 960x540)", _time(lambda: probe.detect(probe_frame), n)),
         ("render 512 (head mesh, numba)", _time(lambda: render_fit(fit, fit, fit), n)),
         ("build_conditions(all)", _time(lambda: build_conditions(fit, fit, "all"), n)),
         ("identity embed (SFace)", _time(lambda: emb.embed(crop), n)),
