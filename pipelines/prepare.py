@@ -530,7 +530,7 @@ def _mean_coverage(reports: list[dict[str, Any]]) -> float | None:
 
 def quality_summary(qualities: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per quality field: count, mean and quantiles over a shard's pairs (the per-pair values are in meta.json)."""
-    from rigface.face.quality import QUALITY_FIELDS
+    from rigface.data.quality import QUALITY_FIELDS
 
     out: dict[str, dict[str, float]] = {}
     for name in QUALITY_FIELDS:

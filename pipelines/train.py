@@ -196,7 +196,8 @@ def train_func(config: dict[str, Any]) -> None:
         if rank == 0 else None
     batches = infinite_batches(config["train_shards"], start_epoch=epoch, rank=rank, world=world, seed=tc.seed,
                                batch_size=tc.batch_size, resolution=cfg.model.resolution,
-                               loader_workers=tc.loader_workers, shuffle_buffer=tc.shuffle_buffer, split="train")
+                               loader_workers=tc.loader_workers, shuffle_buffer=tc.shuffle_buffer, split="train",
+                               min_quality=tc.min_quality, quality_filters=tuple(tc.quality_filters))
     autocast = _autocast(device, tc.mixed_precision)
     generator = torch.Generator(device=device).manual_seed(tc.seed * 1000 + rank + step)
     fault = _FaultInjection.from_env(rank)

@@ -152,9 +152,22 @@ def _only_split(data: Iterator[Mapping[str, Any]], split: str | None) -> Iterato
             yield raw
 
 
+def _quality_ok(data: Iterator[Mapping[str, Any]], keep) -> Iterator[Mapping[str, Any]]:
+    for raw in data:
+        if keep(raw.get("meta.json", raw.get(".meta.json"))):
+            yield raw
+
+
 def build_pipeline(plan: RankPlan, *, batch_size: int, resolution: int, split: str | None = "train",
-                   shuffle_buffer: int = 256, seed: int = 0) -> wds.DataPipeline:
-    """The webdataset pipeline of one rank for one epoch: shards -> samples -> decoded -> batches."""
+                   shuffle_buffer: int = 256, seed: int = 0, min_quality: float | None = None,
+                   quality_filters: tuple[str, ...] = ()) -> wds.DataPipeline:
+    """The webdataset pipeline of one rank for one epoch: shards -> samples -> decoded -> batches.
+
+    min_quality / quality_filters (train.min_quality, train.quality_filters): pairs below them are dropped
+    here, before decoding, from meta.json["quality"] (rigface.data.quality)."""
+    from rigface.data.quality import make_predicate
+
+    keep = make_predicate(min_quality, quality_filters)
     register_webdataset_s3()
     stages: list[Any] = [
         wds.SimpleShardList(plan.urls),
@@ -164,6 +177,8 @@ def build_pipeline(plan: RankPlan, *, batch_size: int, resolution: int, split: s
     if plan.sample_stride > 1:
         stages.append(wds.pipelinefilter(_every_nth)(plan.sample_stride, plan.sample_offset))
     stages.append(wds.pipelinefilter(_only_split)(split))
+    if keep is not None:
+        stages.append(wds.pipelinefilter(_quality_ok)(keep))
     if shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 16), seed=seed))
     stages += [
@@ -175,11 +190,13 @@ def build_pipeline(plan: RankPlan, *, batch_size: int, resolution: int, split: s
 
 def epoch_loader(urls: list[str], *, rank: int, world: int, epoch: int, seed: int, batch_size: int,
                  resolution: int, loader_workers: int, shuffle_buffer: int,
-                 split: str | None = "train") -> torch.utils.data.DataLoader:
+                 split: str | None = "train", min_quality: float | None = None,
+                 quality_filters: tuple[str, ...] = ()) -> torch.utils.data.DataLoader:
     """A DataLoader over this rank's part of one epoch; decoding and batching run in background workers."""
     plan = plan_epoch(urls, rank=rank, world=world, epoch=epoch, seed=seed)
     pipeline = build_pipeline(plan, batch_size=batch_size, resolution=resolution, split=split,
-                              shuffle_buffer=shuffle_buffer, seed=seed * 7919 + epoch * 104_729 + rank)
+                              shuffle_buffer=shuffle_buffer, seed=seed * 7919 + epoch * 104_729 + rank,
+                              min_quality=min_quality, quality_filters=tuple(quality_filters))
     kwargs: dict[str, Any] = {}
     if loader_workers > 0:
         kwargs.update(prefetch_factor=2, persistent_workers=False)

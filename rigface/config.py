@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rigface.face.config import FaceConfig
 from rigface.model.config import ModelConfig
@@ -78,6 +78,19 @@ class PrepareConfig(_Section):
 
 class TrainConfig(_Section):
     data: str | None = None
+    min_quality: float | None = Field(
+        None, ge=0.0, le=1.0, description="drop training pairs whose meta.json quality score is below this")
+    quality_filters: list[str] = Field(
+        default_factory=list, description="more pair filters by name, e.g. ['sharpness>=80', 'padded_fraction<=0.1']")
+
+    @field_validator("quality_filters")
+    @classmethod
+    def _known_quality_filters(cls, v: list[str]) -> list[str]:
+        from rigface.data.quality import parse_filter
+
+        for expr in v:
+            parse_filter(expr)  # a ValueError names the bad expression and the known fields
+        return v
     run_name: str = "rigface"
     experiment: str = "rigface"
     storage_path: str | None = None

@@ -16,7 +16,11 @@ def synthetic_pair(video: str, a: int, b: int, size: int = 32, dim: int = 8, spl
     meta = {"video_id": video, "frames": [a, b], "times": [a / 10, b / 10], "split": split,
             "boxes": {"source": [0, 0, size, size], "target": [0, 0, size, size]},
             "pose": {"source": [0, 0, 0], "target": [1, 2, 3]}, "lighting": {"source": [0.1] * 9, "target": [0.2] * 9},
-            "backends": {"test": "1"}, "scores": {"det": 1.0}}
+            "backends": {"test": "1"}, "scores": {"det": 1.0},
+            # Quality fields that vary with the frame index, so filters and rankings have something to sort.
+            "quality": {"score": round((a % 10) / 10, 3), "face_size": 100.0 + a, "sharpness": 50.0 + 10 * a,
+                        "landmark_confidence": 0.9, "padded_fraction": 0.0, "pose_delta": 5.0,
+                        "expression_delta": 0.5, "lighting_delta": 0.1}}
     return PairSample(key=sample_key(video, a, b), source=img(), target=img(), render=img(), background=img(),
                       expression=rng.standard_normal(dim).astype(np.float32), mask_source=mask, mask_target=mask,
                       meta=meta)

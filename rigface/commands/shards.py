@@ -1,4 +1,5 @@
-"""`rigface shards validate URL` and `rigface shards preview URL --out grid.png`."""
+"""`rigface shards validate URL`, `rigface shards preview URL --out grid.png [--sort F] [--where EXPR]` and
+`rigface shards report URL --out DIR` (quality histograms, worst and best pairs)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pv.add_argument("--out", required=True, help="PNG path or s3:// URL")
     pv.add_argument("--rows", type=int, default=8)
     pv.add_argument("--tile", type=int, default=128)
+    pv.add_argument("--sort", metavar="FIELD", help="order by a quality field (score, sharpness, face_size, "
+                    "padded_fraction, landmark_confidence, pose_delta, ...); --sort=-FIELD for descending")
+    pv.add_argument("--where", action="append", default=[], metavar="EXPR",
+                    help="keep pairs whose quality passes, e.g. 'sharpness>=80' (repeatable)")
     pv.set_defaults(func=run)
+    rp = sub.add_parser("report", help="histograms of the pair-quality fields and the worst and best pairs (PNG)")
+    rp.add_argument("url")
+    rp.add_argument("--out", required=True, help="folder or s3:// prefix for histograms.png, worst.png, best.png, "
+                    "report.json")
+    rp.add_argument("--by", default="score", help="quality field that ranks worst and best (default: score)")
+    rp.add_argument("-n", type=int, default=8, help="pairs in each of worst.png and best.png")
+    rp.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, cfg: RigFaceConfig) -> int:
@@ -39,10 +51,25 @@ def run(args: argparse.Namespace, cfg: RigFaceConfig) -> int:
             status = "[green]ok[/green]" if report.ok else f"[red]{len(report.faults)} fault(s)[/red]"
             console.print(f"{report.shards} shard(s), {report.samples} sample(s) {report.per_split}: {status}")
         return 0 if report.ok else 1
-    from rigface.data.preview import preview_png
+    from rigface.data.preview import preview_png, select_samples
 
+    if args.shards_action == "report":
+        from rigface.data.report import quality_report
+
+        try:
+            summary = quality_report(shards.iter_samples(args.url, decode=False), args.out, n=args.n, by=args.by)
+        except (ValueError, shards.ShardError) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            return 1
+        for name, st in summary["fields"].items():
+            console.print(f"{name:<20} n={st['count']:<6} p10 {st['p10']:<10.4g} median {st['p50']:<10.4g} "
+                          f"p90 {st['p90']:.4g}", highlight=False)
+        console.print(f"{summary['samples']} pair(s); wrote {', '.join(summary['files'].values())} to {args.out}")
+        return 0
     try:
-        png = preview_png(shards.iter_samples(args.url), rows=args.rows, tile=args.tile)
+        chosen = select_samples(shards.iter_samples(args.url, decode=False), rows=args.rows, sort=args.sort,
+                                where=args.where)
+        png = preview_png(chosen, rows=args.rows, tile=args.tile)
     except (ValueError, shards.ShardError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1

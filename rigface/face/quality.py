@@ -10,14 +10,11 @@ for each of those, the pose / expression / lighting deltas between source and ta
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
-# The fields of meta.json["quality"], in the order reports and previews show them. Higher is better for the
-# first five; the deltas say how different the pair is (larger edits), not how good it is.
-QUALITY_FIELDS = ("score", "face_size", "sharpness", "landmark_confidence", "padded_fraction",
-                  "pose_delta", "expression_delta", "lighting_delta")
+from rigface.data.quality import QUALITY_FIELDS  # the fields of meta.json["quality"], owned by the data schema
 
 _SHARPNESS_SIDE = 128
 SHARP_ENOUGH = 100.0  # Laplacian variance (at 128 px) above which a face counts as sharp (video-call footage: 100-600)
@@ -100,7 +97,3 @@ def pair_quality(src_scores: Mapping[str, float], tgt_scores: Mapping[str, float
     return {k: (round(float(q[k]), 4) if np.isfinite(q[k]) else None) for k in QUALITY_FIELDS}
 
 
-def quality_of(meta: Mapping[str, Any], field: str) -> float | None:
-    """A pair's quality field from its meta.json (None when the shard predates quality fields)."""
-    v = (meta.get("quality") or {}).get(field)
-    return None if v is None else float(v)
