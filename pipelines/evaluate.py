@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from pipelines.ray_env import ensure_ray
+from pipelines.resources import use_gpus
 from rigface.config import RigFaceConfig
 from rigface.data import storage
 from rigface.eval.fid import FEATURE_DIM
@@ -210,8 +211,8 @@ def run_evaluate(cfg: RigFaceConfig, *, data: str, model: str, out: str, mlflow_
     ds = ds.flat_map(read_shard_rows, num_cpus=0.25)
     if max_samples:
         ds = ds.limit(max_samples)
-    # evaluate.use_gpu decides on an autoscaling cluster (GPU nodes may be at zero now); unset: GPUs present now.
-    use_gpu = ev.use_gpu if ev.use_gpu is not None else bool(ray.cluster_resources().get("GPU", 0))
+    # resources.gpus: on for an autoscaling cluster (GPU nodes may be at zero now); auto: GPUs present now.
+    use_gpu = use_gpus(cfg.resources, ray.cluster_resources().get("GPU", 0))
     ds = ds.map_batches(
         EditScoreActor,
         fn_constructor_args=(cfg, model, steps, seed, storage.join(out, "edited") if save_images else None),

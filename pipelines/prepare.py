@@ -2,9 +2,10 @@
 
 Stages::
 
-    list + content hash (CPU tasks)  ->  plan (driver: de-duplicate, split by video, assign videos to shards,
-    drop shards already done)  ->  decode + sample pairs (CPU tasks)  ->  face analysis (actor pool, one
-    FaceAnalyzer per actor, fractional CPUs / GPUs)  ->  pair conditions + encode (CPU tasks)  ->
+    list + sampled content hash (driver threads)  ->  plan (driver: de-duplicate, split by video, assign
+    videos to shards, drop shards already done)  ->  decode + sample pairs (CPU tasks)  ->  face analysis
+    (autoscaling actor pool sized by pipelines.resources, one FaceAnalyzer per actor, fractional CPUs / GPUs)
+    ->  pair conditions + encode (CPU tasks)  ->
     shard assembly and write (driver streams the ordered output, a thread pool writes each shard, then its
     stats file)  ->  index + dataset card.
 
@@ -16,6 +17,7 @@ that is about one shard).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -31,6 +33,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from pipelines.ray_env import ensure_ray
+from pipelines.resources import face_pool
 from rigface import __version__
 from rigface.config import RigFaceConfig
 from rigface.data import shards as shardio
@@ -101,6 +104,18 @@ def _build_conditions():
 
 
 # ---------------------------------------------------------------- stage functions (run in Ray workers)
+
+
+def hash_videos(refs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every listed video's identity (size + sampled windows, sources.content_hash), in driver threads.
+
+    A few small reads per video: I/O-bound and cheap, so threads here beat a Ray stage's start-up, and the
+    listing, hashing and planning stay a small share of the run (bench/prepare.py prints it).
+    """
+    if not refs:
+        return []
+    with ThreadPoolExecutor(max_workers=min(32, len(refs)), thread_name_prefix="hash") as pool:
+        return list(pool.map(hash_row, refs))
 
 
 def hash_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -310,17 +325,28 @@ class Plan:
 
 
 def plan_shards(videos: Iterable[dict[str, Any]], *, output: str, version: int, videos_per_shard: int,
-                val_fraction: float, seed: int, known: set[str]) -> tuple[dict[str, list[dict]], list[dict]]:
-    """Deterministic assignment of videos to shards: per split, by sorted content hash, fixed-size groups."""
+                val_fraction: float, seed: int, known: set[str],
+                full_hash: Callable[[str], str] | None = None) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Deterministic assignment of videos to shards: per split, by sorted content hash, fixed-size groups.
+
+    Identities are sampled hashes; two videos of this listing that share one are compared by `full_hash`
+    (sources.full_content_hash) before one is dropped as a duplicate, and a different one keeps its full hash
+    as its identity. Identities from earlier versions (`known`) are trusted as they are.
+    """
     by_split: dict[str, list[dict[str, Any]]] = defaultdict(list)
     seen = set(known)
+    first_url: dict[str, str] = {}
     ids: set[str] = set()
     dups = []
     for v in sorted(videos, key=lambda r: (r["content_hash"], r["url"])):
-        if v["content_hash"] in seen:
+        h = v["content_hash"]
+        if h in first_url and full_hash is not None and full_hash(first_url[h]) != full_hash(v["url"]):
+            v["content_hash"] = h = full_hash(v["url"])  # same samples, other bytes: a different video
+        if h in seen:
             dups.append(v)
             continue
-        seen.add(v["content_hash"])
+        seen.add(h)
+        first_url[h] = v["url"]
         vid = sources.derive_video_id(sources.VideoRef(
             url=v["url"], name=v["name"], source=v["source"], video_id=v.get("video_id") or None), v["content_hash"])
         if vid in ids:  # two manifest rows naming one id: the content hash keeps their samples apart
@@ -391,14 +417,15 @@ def run_prepare(cfg: RigFaceConfig, *, source: str | Iterable[str] | None = None
     videos_per_shard = max(1, p.shard_size // n_pairs)
     summary = PrepareSummary(output=output, version=version, sources=srcs)
 
-    # -- list + content hash (CPU tasks; one row per video, metadata only)
+    # -- list + sampled content hash (driver threads; one row per video, metadata only)
     t0 = time.monotonic()
     refs = [dict(r.to_dict(), video_id=r.video_id or "") for s in srcs for r in sources.list_videos(s)]
     summary.videos_listed = len(refs)
-    hashed = ray.data.from_items(refs, override_num_blocks=min(len(refs), 64)).map(hash_row, num_cpus=0.5).take_all()
+    hashed = hash_videos(refs)
     unreadable = [r for r in hashed if r["error"]]
     plan, dups = plan_shards([r for r in hashed if not r["error"]], output=output, version=version,
-                             videos_per_shard=videos_per_shard, val_fraction=p.val_fraction, seed=p.seed, known=known)
+                             videos_per_shard=videos_per_shard, val_fraction=p.val_fraction, seed=p.seed, known=known,
+                             full_hash=functools.lru_cache(maxsize=None)(sources.full_content_hash))
     summary.videos_duplicate = len(dups)
     summary.videos_planned = sum(len(v) for v in plan.values())
     summary.shards_planned = len(plan)
@@ -433,14 +460,14 @@ def _run_stages(cfg: RigFaceConfig, pending: dict[str, list[dict]], n_pairs: int
     p = cfg.prepare
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards arrive whole, one after another: bounded driver memory
-    # CPU tasks take one CPU each, less when the actor pool leaves under one free (a 1-CPU box would deadlock).
-    # On a cluster (RAY_ADDRESS) the autoscaler adds nodes on demand, so today's snapshot says nothing.
-    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
-    free = float(ray.cluster_resources().get("CPU", 1)) - p.num_face_actors * p.face_actor_cpus
-    task_cpus = 1.0 if on_cluster or free >= 1.0 else max(0.1, round(free, 2))
-    if free <= 0 and not on_cluster:
-        raise PrepareError(f"the face actor pool ({p.num_face_actors} x {p.face_actor_cpus} CPU) takes every CPU: "
-                           "lower prepare.face_actor_cpus or prepare.num_face_actors")
+    # One autoscaling face-actor pool sized from what Ray reports (pipelines.resources), fractional CPUs so
+    # the decode and encode tasks always find room, GPUs where resources.gpus says so.
+    pool = face_pool(cfg.resources, ray.cluster_resources())
+    log.info("prepare: %s", pool.describe())
+    face_cfg = cfg.face
+    if pool.gpus and face_cfg.backend_device == "cpu":  # actors that hold a GPU run the torch/onnx backends there
+        face_cfg = face_cfg.model_copy(update={"backend_device": "cuda"})
+    task_cpus = pool.task_cpus
     rows = [dict(v, shard=url) for url, vids in pending.items() for v in vids]
     keep = ("shard", "video_id", "content_hash", "split", "url", "name")
     rows = [{k: r[k] for k in keep} for r in rows]
@@ -449,10 +476,10 @@ def _run_stages(cfg: RigFaceConfig, pending: dict[str, list[dict]], n_pairs: int
                                            seed=p.seed, max_side=p.max_frame_side, probe=_probe_settings(cfg)),
                num_cpus=task_cpus)
     ds = ds.map_batches(
-        AnalyzeFrames, fn_constructor_args=(cfg.face, backend_factory), batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=p.num_face_actors),
+        AnalyzeFrames, fn_constructor_args=(face_cfg, backend_factory), batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
         # Fractional CPUs: the pool must never take every CPU, or the decode tasks starve and the job hangs.
-        num_cpus=p.face_actor_cpus, num_gpus=p.face_actor_gpus or None,
+        num_cpus=pool.cpus, num_gpus=pool.gpus or None,
     )
     ds = ds.map(build_samples_row, fn_kwargs=dict(n_pairs=n_pairs, min_gap_seconds=p.min_gap_seconds, seed=p.seed,
                                                   jpeg_quality=p.jpeg_quality, backend_factory=backend_factory,

@@ -27,6 +27,7 @@ from rigface.data import storage
 
 from pipelines import train_tracking as tracking
 from pipelines.ray_env import ensure_ray, forwarded_env
+from pipelines.resources import use_gpus
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def storage_location(cfg: RigFaceConfig) -> tuple[str, Any, str]:
 def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | None = None,
               max_steps: int | None = None, num_workers: int | None = None) -> TrainResult:
     """Train (or resume) the run ``run_name`` on the shards under ``data``; blocks until it ends."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -114,12 +116,13 @@ def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | No
              "resuming" if resumed else "new", len(train_shards))
 
     ensure_ray(num_cpus=tc.ray_num_cpus or max(2, tc.num_workers))
+    use_gpu = use_gpus(cfg.resources, ray.cluster_resources().get("GPU", 0))
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "train_shards": train_shards,
                            "val_shards": val_shards, "val_split": val_split, "mlflow_run_id": run_id,
                            "checkpoint_root": f"{storage_uri}/{tc.run_name}"},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(
             name=tc.run_name,
             storage_path=storage_path,

@@ -71,9 +71,33 @@ class PrepareConfig(_Section):
         "draw pairs only where one shows")
     face_probe_max: int = Field(64, ge=2, description="most frames probed per video (the stride widens beyond)")
     face_probe_side: int = Field(640, ge=64, description="probe frames are downscaled to this longer side")
-    num_face_actors: int = Field(1, ge=1)
-    face_actor_cpus: float = Field(0.5, gt=0.0)
-    face_actor_gpus: float = Field(0.0, ge=0.0)
+
+
+class ResourcesConfig(_Section):
+    """What the jobs may use, in one place: GPUs, and how face analysis shares the CPUs with other stages.
+
+    prepare's face analysis runs in an autoscaling actor pool of face_actors_min..max actors; max defaults to
+    what the CPUs (or GPUs) Ray reports hold, after reserve_cpus are left to the decode and encode tasks, so
+    the slowest stage uses every core on a laptop and every node of a cluster, and the decode tasks never
+    starve. On an autoscaling cluster, whose nodes may not exist yet, set face_actors_max (and gpus: on).
+    """
+
+    gpus: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: use GPUs when Ray reports any now; on: request them even at zero (autoscaling "
+        "GPU nodes); off: never. Drives prepare's face actors, train workers and evaluate's editing actors")
+    face_actors_min: int = Field(1, ge=1)
+
+    face_actors_max: int | None = Field(None, ge=1, description="None: sized from the resources Ray reports")
+    face_actor_cpus: float = Field(1.0, gt=0.0, description="cores one busy face actor uses; its logical CPU "
+                                   "share is fitted so the sized pool fills the CPUs after reserve_cpus")
+    face_actor_gpus: float = Field(0.25, gt=0.0, le=1.0, description="GPU share per face actor when GPUs are used")
+    task_cpus: float = Field(0.25, gt=0.0, description="logical CPUs per decode / encode task")
+    reserve_cpus: float = Field(0.5, ge=0.0, description="CPUs the face pool leaves to decode / encode tasks")
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v: Any) -> Any:  # YAML reads a bare on/off (and true/false) as booleans
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class TrainConfig(_Section):
@@ -94,8 +118,7 @@ class TrainConfig(_Section):
     run_name: str = "rigface"
     experiment: str = "rigface"
     storage_path: str | None = None
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
+    num_workers: int = Field(1, ge=1, description="one GPU each when resources.gpus says GPUs are used")
     batch_size: int = Field(4, ge=1, description="per worker")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-5, gt=0.0)
@@ -130,8 +153,7 @@ class EvaluateConfig(_Section):
     max_samples: int | None = Field(None, ge=1)
     lpips_net: Literal["alex", "vgg"] = "alex"
     mlflow_run_id: str | None = None
-    num_actors: int = Field(1, ge=1, description="editing actors (one GPU each where GPUs exist)")
-    use_gpu: bool | None = Field(None, description="one GPU per editing actor; None: whether the cluster has GPUs now")
+    num_actors: int = Field(1, ge=1, description="editing actors (one GPU each when resources.gpus says so)")
     actor_cpus: float = Field(0.5, gt=0.0)
     seed: int = 0
     # Edit and evaluate: the authors sampled in fp32; bf16/fp16 are faster on GPUs and drift slightly from it.
@@ -162,6 +184,7 @@ class DemoConfig(_Section):
 
 class RigFaceConfig(_Section):
     storage: StorageConfig = StorageConfig()
+    resources: ResourcesConfig = ResourcesConfig()
     face: FaceConfig = FaceConfig()
     prepare: PrepareConfig = PrepareConfig()
     model: ModelConfig = ModelConfig()

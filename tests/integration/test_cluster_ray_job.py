@@ -221,8 +221,7 @@ def test_rigface_prepare_runs_as_a_ray_job(ray_head, tmp_path):
     media.face_video(videos / "clip.mp4", n_frames=25, fps=10, size=384, scale=1.0)
     out = tmp_path / "shards"
     sid = f"rigface-prepare-{uuid.uuid4().hex[:8]}"
-    overrides = {"pairs_per_video": 2, "min_gap_seconds": 1.0, "shard_size": 4, "val_fraction": 0.0,
-                 "num_face_actors": 1, "face_actor_cpus": 0.5}
+    overrides = {"pairs_per_video": 2, "min_gap_seconds": 1.0, "shard_size": 4, "val_fraction": 0.0}
     argv = ["rigface", *[a for k, v in overrides.items() for a in ("--set", f"prepare.{k}={v}")],
             "prepare", "--source", str(videos), "--output", str(out)]
     sub = ray_head.submit(argv, sid)

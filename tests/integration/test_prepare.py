@@ -33,7 +33,7 @@ def ray_local():
 
 def cfg(**prepare):
     base = {"pairs_per_video": 2, "min_gap_seconds": 1.0, "shard_size": 4, "val_fraction": 0.0,
-            "num_face_actors": 1, "face_actor_cpus": 0.5, "jpeg_quality": 90}
+            "jpeg_quality": 90}
     base.update(prepare)
     return load_config(overrides=[f"prepare.{k}={v}" for k, v in base.items()] + ["face.multi_face=skip"])
 
@@ -234,3 +234,47 @@ def test_s3_store_restarted_mid_run_writes_retry(ray_local, stack, s3_prefix, tm
     assert result["summary"].pairs == 4
     report = shards.validate_shards(s3_prefix)
     assert report.ok and report.samples == 4, report.faults
+
+
+class PidBackend:
+    """The real face backend; each instance (one per pool actor) leaves its process id in a folder."""
+
+    pid_dir: str = ""
+
+    def __init__(self, face_cfg):
+        from pipelines.prepare import FaceBackend
+
+        self.inner = FaceBackend(face_cfg)
+        Path(self.pid_dir, str(os.getpid())).write_text("")
+
+    def analyze(self, rgb):
+        return self.inner.analyze(rgb)
+
+    conditions = staticmethod(lambda a, b: __import__("pipelines.prepare", fromlist=["x"]).FaceBackend.conditions(a, b))
+
+
+def test_face_pool_sized_from_the_resources_ray_reports(ray_local, tmp_path):
+    """2 CPUs reported -> a pool of up to 2 face actors of 0.75 CPU, and the decode tasks still run.
+
+    face_actors_min is set above what fits, so the pool starts at its sized maximum (clipped) and the test
+    does not depend on when Ray Data's autoscaler would grow it.
+    """
+    import ray
+    import ray.cloudpickle
+
+    from pipelines.prepare import run_prepare
+    from pipelines.resources import FacePool, face_pool
+
+    c = load_config(overrides=["prepare.pairs_per_video=2", "prepare.shard_size=4", "prepare.val_fraction=0.0",
+                               "prepare.min_gap_seconds=1.0", "resources.face_actors_min=8"])
+    assert face_pool(c.resources, ray.cluster_resources()) == FacePool(2, 2, 0.75, 0.0, 0.25)
+    src = tmp_path / "src"
+    for i in range(4):
+        media.face_video(src / f"v{i}.mp4", n_frames=22 + i, fps=10, size=SIZE, scale=1.0)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    PidBackend.pid_dir = str(pids)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    s = run_prepare(c, source=str(src), output=str(tmp_path / "out"), backend_factory=PidBackend)
+    assert s.pairs == 8
+    assert len(list(pids.iterdir())) == 2

@@ -35,8 +35,7 @@ def test_half_face_clips_give_pairs_with_quality(ray_local, tmp_path):
     for name in ("noface_face.mov", "face_noface.mov"):  # 960x540, 6.4 s, the face in one half only
         shutil.copy(fm.feat_file(name), src / name)
     cfg = load_config(overrides=["prepare.pairs_per_video=3", "prepare.min_gap_seconds=1.0",
-                                 "prepare.shard_size=8", "prepare.val_fraction=0.0",
-                                 "prepare.num_face_actors=1", "prepare.face_actor_cpus=0.5"])
+                                 "prepare.shard_size=8", "prepare.val_fraction=0.0"])
     out = tmp_path / "ds"
     summary = run_prepare(cfg, source=str(src), output=str(out))
     assert summary.videos_ok == 2 and summary.pairs == 6, summary

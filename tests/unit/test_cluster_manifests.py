@@ -365,12 +365,12 @@ def test_entrypoint_parses_with_the_real_cli_and_config(name, command):
         assert files[-1].is_file(), f"{name}: {f} is not in the repo, so not in the image"
     cfg = load_config(files, args.overrides, environ={})
     if command == "train":
-        assert cfg.train.use_gpu and cfg.train.num_workers >= 1
+        assert cfg.resources.gpus == "on" and cfg.train.num_workers >= 1
         assert cfg.model.preset == "sd15" and cfg.model.pretrained.startswith("s3://")
         gpu = [g for g in _by_name(name)[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
         assert gpu[0]["maxReplicas"] >= cfg.train.num_workers, "not enough GPU workers for train.num_workers"
     else:
-        assert cfg.prepare.face_actor_gpus > 0  # the job's GPU group is there for the face actors
+        assert cfg.resources.gpus == "on" and cfg.resources.face_actor_gpus > 0  # the GPU group is for the face actors
 
 
 def test_runtime_env_yaml_in_rayjobs_is_a_valid_runtime_env():

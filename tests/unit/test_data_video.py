@@ -104,3 +104,36 @@ def test_split_is_by_video_and_stable():
     assert 0.2 < splits.count("val") / 400 < 0.4
     assert splits == [sources.assign_split(f"{i:064x}", 0.3) for i in range(400)]
     assert sources.assign_split("ab", 0.0) == "train"
+
+
+def test_sampled_content_hash_is_stable_and_sees_changed_content(tmp_path):
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, 3 * (1 << 20) + 123, dtype=np.uint8).tobytes()
+    a = tmp_path / "a.mp4"
+    a.write_bytes(big)
+    h = sources.content_hash(str(a))
+    assert h == sources.content_hash(str(a)) == sources.content_hash(str(a), size=len(big))
+    (tmp_path / "copy.mp4").write_bytes(big)
+    assert sources.content_hash(str(tmp_path / "copy.mp4")) == h  # identity is content, not the name
+    # Changed bytes inside a sampled window (first, last, middle), or another size: another identity.
+    n = len(big)
+    step = (n - sources.HASH_WINDOW) / (sources.HASH_SAMPLES - 1)
+    for pos in (0, n - 1, round(3 * step) + 10):
+        b = bytearray(big)
+        b[pos] ^= 0xFF
+        (tmp_path / "x.mp4").write_bytes(bytes(b))
+        assert sources.content_hash(str(tmp_path / "x.mp4")) != h, pos
+    (tmp_path / "y.mp4").write_bytes(big + b"\0")
+    assert sources.content_hash(str(tmp_path / "y.mp4")) != h
+    # A change between windows keeps the sampled identity: that is what full_content_hash is for.
+    b = bytearray(big)
+    b[round(0.5 * step)] ^= 0xFF
+    (tmp_path / "z.mp4").write_bytes(bytes(b))
+    assert sources.content_hash(str(tmp_path / "z.mp4")) == h
+    assert sources.full_content_hash(str(tmp_path / "z.mp4")) != sources.full_content_hash(str(a))
+    # Small files are read whole: any change shows.
+    small = bytearray(big[:1000])
+    (tmp_path / "s1.mp4").write_bytes(bytes(small))
+    small[500] ^= 0xFF
+    (tmp_path / "s2.mp4").write_bytes(bytes(small))
+    assert sources.content_hash(str(tmp_path / "s1.mp4")) != sources.content_hash(str(tmp_path / "s2.mp4"))

@@ -29,3 +29,13 @@ def test_known_and_repeated_content_is_skipped():
     planned = [m["content_hash"] for ms in plan.values() for m in ms]
     assert sorted(planned) == sorted(["a" * 64, "b" * 64, "c" * 64])
     assert {d["content_hash"] for d in dups} == {"c" * 64, "d" * 64}
+
+
+def test_same_sampled_hash_other_bytes_is_kept_with_its_full_hash():
+    full = {"/v/a.mp4": "1" * 64, "/v/copy.mp4": "1" * 64, "/v/edit.mp4": "2" * 64}
+    vs = [dict(videos()[0], url=u, name=u.rsplit("/", 1)[-1], video_id=None) for u in full]
+    plan, dups = plan_shards(vs, output="/out", version=1, videos_per_shard=8, val_fraction=0.0, seed=0,
+                             known=set(), full_hash=full.__getitem__)
+    planned = {m["url"]: m["content_hash"] for ms in plan.values() for m in ms}
+    assert [d["url"] for d in dups] == ["/v/copy.mp4"]  # the true copy goes
+    assert planned == {"/v/a.mp4": "c" * 64, "/v/edit.mp4": "2" * 64}  # the edit stays, under its full hash
