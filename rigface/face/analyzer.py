@@ -195,6 +195,12 @@ class FaceAnalyzer:
         lm = self.landmarker(crop)
         if lm is None:
             return FaceSkip(SkipReason.fit_failed, "the landmarker found no face in the crop")
+        import cv2
+
+        # GrabCut seeds its colour models from OpenCV's per-thread RNG, which every call advances: reseed so a
+        # frame's mask depends on the frame alone, not on which actor saw which frames before (shards must be
+        # identical whatever the pool size or a retry).
+        cv2.setRNGSeed(0)
         mask = self.masker(crop, lm.landmarks)
         scores = dict(scores)
         scores.update(quality.crop_quality(crop, lm.landmarks, five_points))
