@@ -69,14 +69,14 @@ class PortraitEditor:
         self.analyzer = analyzer or FaceAnalyzer(cfg.face)
 
     @classmethod
-    def load(cls, model: str, cfg: RigFaceConfig, device: str | None = None) -> "PortraitEditor":
+    def load(cls, model: str, cfg: RigFaceConfig, device: str | None = None, analyzer=None) -> "PortraitEditor":
         import torch
 
         from rigface.model import load_rigface
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ev = cfg.evaluate  # fp32 and the model's own sampler unless the config opts out
-        return cls(load_rigface(model, device=device, dtype=ev.torch_dtype(), scheduler=ev.scheduler), cfg)
+        return cls(load_rigface(model, device=device, dtype=ev.torch_dtype(), scheduler=ev.scheduler), cfg, analyzer)
 
     def _fit(self, image: np.ndarray, role: str):
         from rigface.face.types import FaceSkip

@@ -144,3 +144,18 @@ def test_load_refuses_a_folder_that_is_not_a_model(tmp_path):
         load_rigface(str(tmp_path))
     with pytest.raises(CheckpointError, match="not found"):
         load_rigface(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("sets,dtype,scheduler", [([], torch.float32, "UniPCMultistepScheduler"),
+                                                  (["evaluate.precision=bf16", "evaluate.scheduler=DDIMScheduler"],
+                                                   torch.bfloat16, "DDIMScheduler")])
+def test_editor_runs_fp32_and_the_saved_sampler_unless_the_config_opts_out(components, tmp_path, sets, dtype,
+                                                                           scheduler):
+    from rigface.config import load_config
+    from rigface.edit import PortraitEditor
+
+    save_rigface(components, str(tmp_path / "m"))
+    cfg = load_config([], sets, environ={})
+    editor = PortraitEditor.load(str(tmp_path / "m"), cfg, device="cpu", analyzer=object())  # no face work here
+    assert editor.pipeline.model.dtype == dtype and editor.pipeline.vae.dtype == dtype
+    assert type(editor.pipeline.scheduler).__name__ == scheduler
