@@ -52,8 +52,9 @@ def test_released_layout_loads_from_s3(stack, s3_prefix, tmp_path, private_tmp):
     sd = write_tiny_sd_folder(tmp_path / "sd15")
     cfg = ModelConfig(preset="sd15", pretrained=str(sd), expression_dim=64, resolution=64)
     release = tmp_path / "released"
-    newest = write_released_folder(release, build_rigface(cfg).model, seed=3, checkpoint="checkpoint-70000")
-    write_released_folder(release, build_rigface(cfg).model, seed=4, checkpoint="checkpoint-500")
+    shapes = build_rigface(cfg).model
+    newest = write_released_folder(release, shapes, seed=3, checkpoint="checkpoint-70000")
+    write_released_folder(release, shapes, seed=4, checkpoint="checkpoint-500")
     url = storage.join(s3_prefix, "rigface-release")
     _upload_tree(release, url)
     from_s3 = build_rigface(cfg.model_copy(update={"released": url}))
@@ -63,8 +64,11 @@ def test_released_layout_loads_from_s3(stack, s3_prefix, tmp_path, private_tmp):
     assert list(private_tmp.iterdir()) == [], "the downloaded release is removed once loaded"
 
 
+@pytest.mark.slow  # three loads and two saves: about a minute on 2 shared cores
 def test_trained_model_round_trip_on_s3_and_mlflow_leaves_no_copy(stack, s3_prefix, tmp_path, private_tmp):
     import mlflow
+
+    from pipelines.train_tracking import register_model
 
     c = build_rigface(ModelConfig(preset="tiny", resolution=64))
     url = storage.join(s3_prefix, "model")
@@ -78,7 +82,9 @@ def test_trained_model_round_trip_on_s3_and_mlflow_leaves_no_copy(stack, s3_pref
     run = client.create_run(client.create_experiment(f"model-s3-{s3_prefix.rsplit('/', 1)[-1]}")).info.run_id
     client.log_artifacts(run, str(saved), artifact_path="model")
     client.set_terminated(run)
-    for uri in (url, f"runs:/{run}/model"):
+    registered = register_model(client, run, f"rigface-test-{run[:8]}")  # the train job's own registration
+    assert registered.startswith("models:/")
+    for uri in (url, f"runs:/{run}/model", registered):
         back = load_rigface(uri)
         _same_weights(back.model, c.model)
         assert torch.equal(back.text_embedding.embedding, c.text_embedding)
