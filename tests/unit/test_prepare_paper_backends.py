@@ -111,8 +111,7 @@ def test_rigface_prepare_with_the_paper_backends_writes_valid_shards(paper_weigh
     out = tmp_path / "shards"
     overrides = [f"face.weights={paper_weights['root']}", "face.detector=insightface", "face.fit=deca",
                  "face.expression=deep3d", "face.mask=bisenet", f"face.insightface_det_size={SIZE}",
-                 "prepare.pairs_per_video=2", "prepare.min_gap_seconds=1.0", "prepare.val_fraction=0.0",
-                 "prepare.num_face_actors=1", "prepare.face_actor_cpus=0.5"]
+                 "prepare.pairs_per_video=2", "prepare.min_gap_seconds=1.0", "prepare.val_fraction=0.0"]
     argv = ["prepare", "--source", str(source), "--output", str(out)]
     for o in overrides:
         argv += ["--set", o]
