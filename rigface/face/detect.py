@@ -151,7 +151,8 @@ def fit_box_in_frame(
         lo = int(round(c - side / 2.0))
         if side <= extent:
             return min(max(lo, 0), extent - side)
-        return int(round((extent - side) / 2.0))  # larger than the frame: centred, padding split evenly
+        # Larger than the frame: as near the face-centred position as covering the whole extent allows.
+        return min(max(lo, extent - side), 0)
 
     nx0, ny0 = place(cx, w), place(cy, h)
     out = (nx0, ny0, nx0 + side, ny0 + side)

@@ -38,9 +38,12 @@ def test_box_slides_inside_then_shrinks_then_pads():
     # Taller than the frame: shrunk to the frame's height when the minimum context allows it.
     box, pad = fit_box_in_frame((100, -150, 700, 450), (360, 640), 300)
     assert box[2] - box[0] == 360 and pad == 0.0 and 0 <= box[0] and box[2] <= 640
-    # The minimum context (420 px) is more than the frame holds: only then padding, split top/bottom.
+    # The minimum context (420 px) is more than the frame holds: only then padding, on the face's side (the
+    # box stays as face-centred as covering the frame's whole height allows).
     box, pad = fit_box_in_frame((100, -150, 700, 450), (360, 640), 420)
-    assert box[2] - box[0] == 420 and box[1] == -30 and pad == pytest.approx(60 / 420, abs=1e-6)
+    assert box[2] - box[0] == 420 and box[1] == -60 and pad == pytest.approx(60 / 420, abs=1e-6)
+    box, _ = fit_box_in_frame((100, -50, 700, 550), (360, 640), 420)  # face lower in the frame: pad below
+    assert box[1] == 0 and box[3] == 420
     assert padded_fraction((0, 0, 10, 10), (10, 10)) == 0.0
 
 
