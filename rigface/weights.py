@@ -137,9 +137,13 @@ def torch_shapes(url: str) -> Any:
 
 
 def _flat_shapes(obj: Any) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of a state dict, DataParallel's `module.` prefix removed (as the loaders do)."""
     if not isinstance(obj, dict):
         raise ValueError(f"holds a {type(obj).__name__}, not a state dict")
-    return {k: v.shape for k, v in obj.items() if isinstance(v, _Meta)}
+    shapes = {k: v.shape for k, v in obj.items() if isinstance(v, _Meta)}
+    if shapes and all(k.startswith("module.") for k in shapes):
+        shapes = {k[len("module."):]: v for k, v in shapes.items()}
+    return shapes
 
 
 def safetensors_shapes(url: str) -> dict[str, tuple[int, ...]]:
@@ -343,15 +347,13 @@ def check_deep3d(listing: Listing) -> list[Item]:
         item = Item(f"deep3d:{variant.name}", what)
         url = _find_file(listing, item, file, "deep3d_checkpoint")
         if url:
-            item.format = "torch zip"
+            item.format = "torch checkpoint"
 
             def inspect(url=url, item=item, variant=variant) -> str:
                 obj = torch_shapes(url)
                 if isinstance(obj, dict) and isinstance(obj.get("net_recon"), dict):
                     obj = obj["net_recon"]
                 shapes = _flat_shapes(obj)
-                if shapes and all(k.startswith("module.") for k in shapes):
-                    shapes = {k[len("module."):]: v for k, v in shapes.items()}
                 found = variant_of(shapes, item.path)
                 if found.name != variant.name:
                     item.problems.append(f"holds the {found.name} layout, not {variant.name}")
@@ -396,7 +398,7 @@ def check_bisenet(listing: Listing) -> Item:
     item = Item("bisenet", "BiSeNet face parsing 79999_iter.pth")
     url = _find_file(listing, item, "79999_iter.pth", "bisenet_checkpoint")
     if url:
-        item.format = "torch zip"
+        item.format = "torch checkpoint"
 
         def inspect() -> str:
             shapes = _flat_shapes(torch_shapes(url))
@@ -414,7 +416,7 @@ def check_deca(listing: Listing) -> list[Item]:
     deca = Item("deca", "DECA deca_model.tar (E_flame used)")
     url = _find_file(listing, deca, "deca_model.tar", "deca_checkpoint")
     if url:
-        deca.format = "torch zip"
+        deca.format = "torch checkpoint"
 
         def inspect_deca() -> str:
             obj = torch_shapes(url)

@@ -94,11 +94,18 @@ def test_broken_and_missing_files_are_named_and_jobs_say_what_they_lack(weights_
     odd = {k.replace("fianl_layers", "heads"): v for k, v in _light(ReconNet(FACE_ADAPTER).state_dict()).items()}
     torch.save(odd, root / "epoch_20.pth")
     (root / "data" / "FLAME_texture.npz").unlink()
+    from rigface.face.backends.bisenet import BiSeNet
+
+    state = {"module." + k: v for k, v in _light(BiSeNet().state_dict()).items()}
+    state["module.conv_out.conv_out.weight"] = torch.zeros(18, 256, 1, 1)  # 18 classes: not the published model
+    torch.save(state, root / "79999_iter.pth", _use_new_zipfile_serialization=False)  # the 2019 file's format
     report = check_weights(str(root))
     by = {i.name: i for i in report.items}
     assert by["deep3d:deep3d"].status == "bad"
     assert "unexpected keys: heads.0.bias" in " ".join(by["deep3d:deep3d"].problems)
     assert by["texture"].status == "missing" and by["deca"].status == "ok"
+    assert by["bisenet"].status == "bad"
+    assert "conv_out.conv_out.weight (18, 256, 1, 1) != (19, 256, 1, 1)" in " ".join(by["bisenet"].problems)
     assert set(report.jobs["prepare (paper backends)"]) == {"antelopev2", "texture", "deep3d", "bfm", "bisenet"}
     assert report.jobs["train"] == ["sd15"]
     assert not report.ok
