@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from pipelines.ray_env import ensure_ray
+from pipelines.ray_env import bound_ray_data, ensure_ray
 from pipelines.resources import use_gpus
 from rigface.config import RigFaceConfig
 from rigface.data import storage
@@ -207,8 +207,9 @@ def run_evaluate(cfg: RigFaceConfig, *, data: str, model: str, out: str, mlflow_
         raise EvaluateError(f"no {ev.split!r} shards under {data}")
     t0 = time.monotonic()
     ensure_ray()
+    bound_ray_data(ev.stall_timeout_s)  # every retry bounded (Ray's defaults are unlimited)
     ds = ray.data.from_items([{"shard": u} for u in urls], override_num_blocks=len(urls))
-    ds = ds.flat_map(read_shard_rows, num_cpus=0.25)
+    ds = ds.flat_map(read_shard_rows, num_cpus=0.25, max_retries=ev.max_retries)
     if max_samples:
         ds = ds.limit(max_samples)
     # resources.gpus: on for an autoscaling cluster (GPU nodes may be at zero now); auto: GPUs present now.
@@ -220,6 +221,7 @@ def run_evaluate(cfg: RigFaceConfig, *, data: str, model: str, out: str, mlflow_
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         # Fractional CPUs keep a CPU free for the read tasks (a pool that takes them all hangs the job).
         num_cpus=actor_cpus, num_gpus=1 if use_gpu else None,
+        max_restarts=ev.max_actor_restarts, max_task_retries=ev.max_actor_restarts,
     )
     builder = ReportBuilder()
     per_pair = []

@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from pipelines.ray_env import ensure_ray
+from pipelines.guarded import Crashed, GuardedWorker, TimedOut
+from pipelines.ray_env import bound_ray_data, ensure_ray
 from pipelines.resources import face_pool
 from rigface import __version__
 from rigface.config import RigFaceConfig
@@ -106,7 +107,7 @@ def _build_conditions():
 # ---------------------------------------------------------------- stage functions (run in Ray workers)
 
 
-def hash_videos(refs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def hash_videos(refs: list[dict[str, Any]], max_bytes: int = 1 << 62) -> list[dict[str, Any]]:
     """Every listed video's identity (size + sampled windows, sources.content_hash), in driver threads.
 
     A few small reads per video: I/O-bound and cheap, so threads here beat a Ray stage's start-up, and the
@@ -115,15 +116,20 @@ def hash_videos(refs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not refs:
         return []
     with ThreadPoolExecutor(max_workers=min(32, len(refs)), thread_name_prefix="hash") as pool:
-        return list(pool.map(hash_row, refs))
+        return list(pool.map(functools.partial(hash_row, max_bytes=max_bytes), refs))
 
 
-def hash_row(row: dict[str, Any]) -> dict[str, Any]:
+def hash_row(row: dict[str, Any], *, max_bytes: int = 1 << 62) -> dict[str, Any]:
+    row["content_hash"] = ""
+    row["error"] = ""
+    row["status"], size = sources.check_source(row["url"], max_bytes)  # before any byte is read
+    if row["status"]:
+        row["error"] = row["status"]
+        return row
     try:
-        row["content_hash"] = sources.content_hash(row["url"])
-        row["error"] = ""
+        row["content_hash"] = sources.content_hash(row["url"], size)
     except Exception as exc:  # noqa: BLE001 - an unreadable object is a recorded skip, not a crash
-        row["content_hash"] = ""
+        row["status"] = "unreadable"
         row["error"] = f"{type(exc).__name__}: {exc}"[:300]
     return row
 
@@ -161,13 +167,47 @@ def probe_faces(video: Video, probes: list[int], probe_side: int, min_confidence
     return out
 
 
+_DECODE_GUARDS: dict[tuple[float, int], GuardedWorker] = {}  # one watchdog child per Ray worker process
+
+
 def decode_row(row: dict[str, Any], *, n_pairs: int, spare: int, min_gap_seconds: float, seed: int,
-               max_side: int, probe: dict[str, Any] | None = None) -> dict[str, Any]:
+               max_side: int, probe: dict[str, Any] | None = None, timeout_s: float = 600.0,
+               retries: int = 2) -> dict[str, Any]:
+    """Ray task: decode one video in this worker's watchdog child (a decoder crash or hang costs the video,
+    not the worker)."""
+    guard = _DECODE_GUARDS.get((timeout_s, retries))
+    if guard is None:
+        guard = _DECODE_GUARDS[(timeout_s, retries)] = GuardedWorker(None, timeout_s=timeout_s, retries=retries,
+                                                                     name="prepare-decode")
+    kwargs = dict(n_pairs=n_pairs, spare=spare, min_gap_seconds=min_gap_seconds, seed=seed, max_side=max_side,
+                  probe=probe)
+    out = guard.call(_decode_in_child, row, kwargs)
+    if isinstance(out, (Crashed, TimedOut)):
+        out = _empty_decode(row, _guard_status(out, row))
+    return out
+
+
+def _guard_status(outcome: Crashed | TimedOut, row: dict[str, Any]) -> str:
+    log.warning("prepare: video quarantined", extra={"url": row["url"], "outcome": repr(outcome)})
+    return "crashed" if isinstance(outcome, Crashed) else "timeout"
+
+
+def _empty_decode(row: dict[str, Any], status: str) -> dict[str, Any]:
+    out = {k: row[k] for k in ("shard", "video_id", "content_hash", "split", "url", "name")}
+    out.update(status=status, n_frames=0, fps=0.0, candidates="[]", frame_indices=[], frames=None,
+               frame_errors="{}", downscaled=False, face_coverage=-1.0)
+    return out
+
+
+def _decode_in_child(_state, row: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    return decode_video(row, **kwargs)
+
+
+def decode_video(row: dict[str, Any], *, n_pairs: int, spare: int, min_gap_seconds: float, seed: int,
+                 max_side: int, probe: dict[str, Any] | None = None) -> dict[str, Any]:
     """Open the video, find where it shows a face (a cheap probe over a frame stride, when `probe` is given),
     sample candidate pairs (with spares) among those frames, decode them."""
-    out = {k: row[k] for k in ("shard", "video_id", "content_hash", "split", "url", "name")}
-    out.update(status="", n_frames=0, fps=0.0, candidates="[]", frame_indices=[], frames=None,
-               frame_errors="{}", downscaled=False, face_coverage=-1.0)
+    out = _empty_decode(row, "")
     try:
         with sources.local_copy(row["url"]) as path, Video(path, max_side=max_side) as video:
             info = video.info
@@ -211,28 +251,48 @@ def decode_row(row: dict[str, Any], *, n_pairs: int, spare: int, min_gap_seconds
 
 
 class AnalyzeFrames:
-    """Actor-pool stage: builds the face backend once per actor, analyzes every decoded frame of a video."""
+    """Actor-pool stage: one watchdog child per actor holds the face backend (built once) and analyzes every
+    decoded frame of a video; a video that kills the child ``retries + 1`` times is ``crashed``, one that runs
+    past ``timeout_s`` is ``timeout``, and the actor goes on with the next video."""
 
-    def __init__(self, face_cfg, backend_factory: Callable[[Any], Any] | None = None) -> None:
-        self.backend = (backend_factory or FaceBackend)(face_cfg)
+    def __init__(self, face_cfg, backend_factory: Callable[[Any], Any] | None = None, *, timeout_s: float = 600.0,
+                 retries: int = 2) -> None:
+        self.guard = GuardedWorker(functools.partial(backend_factory or FaceBackend, face_cfg), timeout_s=timeout_s,
+                                   retries=retries, name="prepare-face")
+        self.guard.call(_ping)  # build the backend now: a broken face config fails the job at start, loudly
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fits_col = []
         frames_col = batch["frames"]
+        status = list(batch["status"])
         for i in range(len(batch["video_id"])):
-            results: dict[int, Any] = {}
-            if batch["status"][i] == "" and frames_col[i] is not None:
-                frames = pickle.loads(frames_col[i])
-                for fi, frame in zip(batch["frame_indices"][i], frames):
-                    try:
-                        results[int(fi)] = self.backend.analyze(frame)
-                    except Exception as exc:  # noqa: BLE001 - one bad frame is a skip, not a dead actor
-                        results[int(fi)] = ("fit_failed", f"{type(exc).__name__}: {exc}"[:200])
+            results: Any = {}
+            if status[i] == "" and frames_col[i] is not None:
+                results = self.guard.call(_analyze_video, list(batch["frame_indices"][i]), frames_col[i])
+                if isinstance(results, (Crashed, TimedOut)):
+                    status[i] = _guard_status(results, {"url": batch["url"][i]})
+                    results = {}
             fits_col.append(pickle.dumps(results, protocol=5))
         batch = dict(batch)
+        batch["status"] = np.array(status, dtype=object)
         batch["fits"] = np.array(fits_col, dtype=object)
         batch["frames"] = np.array([None] * len(fits_col), dtype=object)  # full frames are not needed further on
         return batch
+
+
+def _ping(_backend) -> bool:
+    return True
+
+
+def _analyze_video(backend, frame_indices: list[int], frames_blob: bytes) -> dict[int, Any]:
+    """In the watchdog child: every frame of one video -> FaceFit | FaceSkip | ('fit_failed', why)."""
+    results: dict[int, Any] = {}
+    for fi, frame in zip(frame_indices, pickle.loads(frames_blob)):
+        try:
+            results[int(fi)] = backend.analyze(frame)
+        except Exception as exc:  # noqa: BLE001 - one bad frame is a skip, not a dead worker
+            results[int(fi)] = ("fit_failed", f"{type(exc).__name__}: {exc}"[:200])
+    return results
 
 
 def build_samples_row(row: dict[str, Any], *, n_pairs: int, min_gap_seconds: float, seed: int, jpeg_quality: int,
@@ -421,7 +481,8 @@ def run_prepare(cfg: RigFaceConfig, *, source: str | Iterable[str] | None = None
     t0 = time.monotonic()
     refs = [dict(r.to_dict(), video_id=r.video_id or "") for s in srcs for r in sources.list_videos(s)]
     summary.videos_listed = len(refs)
-    hashed = hash_videos(refs)
+    bound_ray_data(p.stall_timeout_s)
+    hashed = hash_videos(refs, max_bytes=p.max_video_bytes)
     unreadable = [r for r in hashed if r["error"]]
     plan, dups = plan_shards([r for r in hashed if not r["error"]], output=output, version=version,
                              videos_per_shard=videos_per_shard, val_fraction=p.val_fraction, seed=p.seed, known=known,
@@ -472,18 +533,24 @@ def _run_stages(cfg: RigFaceConfig, pending: dict[str, list[dict]], n_pairs: int
     keep = ("shard", "video_id", "content_hash", "split", "url", "name")
     rows = [{k: r[k] for k in keep} for r in rows]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    # Every retry is bounded (Ray's defaults are unlimited). A video that crashes or hangs is handled inside the
+    # stage (pipelines.guarded), so these budgets are spent only on lost workers and nodes.
+    task_opts = dict(max_retries=p.max_retries)
+    actor_opts = dict(max_restarts=p.max_actor_restarts, max_task_retries=p.max_actor_restarts)
+    guard = dict(timeout_s=p.video_timeout_s, retries=p.max_retries)
     ds = ds.map(decode_row, fn_kwargs=dict(n_pairs=n_pairs, spare=spare, min_gap_seconds=p.min_gap_seconds,
-                                           seed=p.seed, max_side=p.max_frame_side, probe=_probe_settings(cfg)),
-               num_cpus=task_cpus)
+                                           seed=p.seed, max_side=p.max_frame_side, probe=_probe_settings(cfg),
+                                           **guard),
+                num_cpus=task_cpus, **task_opts)
     ds = ds.map_batches(
-        AnalyzeFrames, fn_constructor_args=(face_cfg, backend_factory), batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+        AnalyzeFrames, fn_constructor_args=(face_cfg, backend_factory), fn_constructor_kwargs=guard, batch_size=1,
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
         # Fractional CPUs: the pool must never take every CPU, or the decode tasks starve and the job hangs.
-        num_cpus=pool.cpus, num_gpus=pool.gpus or None,
+        num_cpus=pool.cpus, num_gpus=pool.gpus or None, **actor_opts,
     )
     ds = ds.map(build_samples_row, fn_kwargs=dict(n_pairs=n_pairs, min_gap_seconds=p.min_gap_seconds, seed=p.seed,
                                                   jpeg_quality=p.jpeg_quality, backend_factory=backend_factory,
-                                                  face_cfg=cfg.face), num_cpus=task_cpus)
+                                                  face_cfg=cfg.face), num_cpus=task_cpus, **task_opts)
 
     expected = {url: {v["video_id"] for v in vids} for url, vids in pending.items()}
     buffers: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
@@ -594,10 +661,11 @@ def _finish(cfg: RigFaceConfig, output: str, version: int, srcs: list[str], plan
         summary.videos_ok += st["videos_ok"]
         summary.frames_analyzed += st["frames_analyzed"]
     for r in unreadable:
-        video_skips["unreadable"] += 1
-        per_source[r["source"]]["videos_unreadable"] += 1
+        reason = r.get("status") or "unreadable"  # unreadable, not_a_file, too_large
+        video_skips[reason] += 1
+        per_source[r["source"]][f"videos_{reason}"] += 1
         index_rows.append({"video_id": "", "content_hash": "", "name": r["name"], "url": r["url"],
-                           "status": "unreadable", "pairs": 0, "error": r["error"]})
+                           "status": reason, "pairs": 0, "error": r["error"]})
     for r in dups:
         per_source[r["source"]]["videos_duplicate"] += 1
     summary.video_skips = dict(sorted(video_skips.items()))

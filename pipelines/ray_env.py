@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 # Settings workers need to reach the same S3 store and MLflow server as the driver, and our own knobs.
 FORWARDED_PREFIXES = ("AWS_", "MLFLOW_", "RIGFACE_")
@@ -38,3 +39,18 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     # Local: the raylet and its workers inherit this process's environment, so nothing needs forwarding.
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def bound_ray_data(stall_timeout_s: float) -> None:
+    """Ray Data settings that make every failure end: a stream with no progress for ``stall_timeout_s`` fails
+    (an actor pool whose actors are dead for good would otherwise wait for ever: seen with Ray 2.60), actor
+    construction errors are not retried, and a block that fails after its bounded retries fails the job."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_no_progress_timeout_s = stall_timeout_s
+    ctx.actor_init_retry_on_errors = False
+    ctx.max_errored_blocks = 0
+    # Ray 2.60 deprecates **ray_remote_args but has no named parameter for max_retries / max_restarts /
+    # max_task_retries yet; those are the bounds, so they stay, without a warning per stage.
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)

@@ -71,6 +71,13 @@ class PrepareConfig(_Section):
         "draw pairs only where one shows")
     face_probe_max: int = Field(64, ge=2, description="most frames probed per video (the stride widens beyond)")
     face_probe_side: int = Field(640, ge=64, description="probe frames are downscaled to this longer side")
+    # Bounds (Ray's own defaults are unlimited): see pipelines/guarded.py and docs/cluster.md.
+    max_retries: int = Field(2, ge=0, description="a video whose worker process dies is tried again this many "
+                             "times, then recorded as a 'crashed' skip; also Ray's retries of a lost task")
+    max_actor_restarts: int = Field(3, ge=0, description="restarts of a lost face actor (and of its task)")
+    video_timeout_s: float = Field(600.0, gt=0.0, description="per video and stage; past it: a 'timeout' skip")
+    max_video_bytes: int = Field(16 << 30, ge=1, description="larger sources are a 'too_large' skip")
+    stall_timeout_s: float = Field(1800.0, gt=0.0, description="the job fails when no stage progresses this long")
 
 
 class ResourcesConfig(_Section):
@@ -161,6 +168,10 @@ class EvaluateConfig(_Section):
     # A diffusers scheduler class (e.g. DDIMScheduler) built from the model's scheduler config; None: the model's
     # own (the authors' UniPC schedule for models saved by rigface).
     scheduler: str | None = Field(None, pattern=r"^[A-Za-z0-9]+Scheduler$")
+
+    max_retries: int = Field(2, ge=0, description="Ray retries of a lost read task")
+    max_actor_restarts: int = Field(3, ge=0, description="restarts of a lost editing actor (and of its batch)")
+    stall_timeout_s: float = Field(1800.0, gt=0.0, description="the job fails when no stage progresses this long")
 
     def torch_dtype(self):
         import torch

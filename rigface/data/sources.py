@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -113,6 +114,28 @@ def _resolve(base: storage.URL, path: str) -> str:
         parent = base.key.rsplit("/", 1)[0] if "/" in base.key else ""
         return f"s3://{base.bucket}/{parent + '/' if parent else ''}{path}"
     return str(Path(base.key).parent / path)
+
+
+def check_source(url: str, max_bytes: int) -> tuple[str, int]:
+    """(why the source cannot be read as a video file, '' when it can; its size). Checked before any byte is
+    read, so a
+    device (/dev/zero never ends), a FIFO (blocks for ever), a directory or an oversized object is a recorded
+    skip instead of a hung or exhausted worker."""
+    u = storage.parse_url(url)
+    if u.scheme == "file":
+        try:
+            st = os.stat(u.key)  # follows symlinks: a link to a device is a device
+        except OSError:
+            return "unreadable", 0
+        if not stat.S_ISREG(st.st_mode):
+            return "not_a_file", 0
+        size = st.st_size
+    else:
+        try:
+            size = storage.size(url)
+        except Exception:  # noqa: BLE001 - a vanished object is an unreadable source, not a crash
+            return "unreadable", 0
+    return ("too_large" if size > max_bytes else ""), size
 
 
 # Video identity reads this many evenly spaced windows (first and last bytes included), not the whole file.
