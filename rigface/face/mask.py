@@ -165,6 +165,10 @@ class LandmarkGrabCutMask:
         seeded = np.isin(gc, (cv2.GC_FGD, cv2.GC_PR_FGD))
         try:
             bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+            # GrabCut's k-means draws from OpenCV's per-thread RNG, whose state carries over from earlier calls:
+            # without a fixed seed a mask depends on which frames this process saw before (shards of a rerun
+            # or of a restarted worker would differ).
+            cv2.setRNGSeed(0)
             cv2.grabCut(np.ascontiguousarray(small[..., ::-1]), gc, None, bgd, fgd, self.iterations, cv2.GC_INIT_WITH_MASK)
             fg = np.isin(gc, (cv2.GC_FGD, cv2.GC_PR_FGD))
         except cv2.error:  # degenerate colour statistics (flat images): keep the seeded region

@@ -104,6 +104,7 @@ def _accounted(s) -> int:
     return s.videos_ok + sum(s.video_skips.values()) + s.videos_duplicate
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", [AbortOnCulprit, ExitOnCulprit])
 def test_video_that_kills_its_worker_is_a_crashed_skip(ray_local, clips, tmp_path, backend):
     t0 = time.monotonic()
@@ -119,6 +120,7 @@ def test_video_that_kills_its_worker_is_a_crashed_skip(ray_local, clips, tmp_pat
     assert shards.validate_shards(str(tmp_path / "ds")).ok
 
 
+@pytest.mark.slow
 def test_hanging_video_is_a_timeout_skip(ray_local, clips, tmp_path):
     t0 = time.monotonic()
     s = run(clips, tmp_path / "ds", backend_factory=HangOnCulprit, prepare={"video_timeout_s": 8})
