@@ -168,7 +168,6 @@ class EvaluateConfig(_Section):
     # A diffusers scheduler class (e.g. DDIMScheduler) built from the model's scheduler config; None: the model's
     # own (the authors' UniPC schedule for models saved by rigface).
     scheduler: str | None = Field(None, pattern=r"^[A-Za-z0-9]+Scheduler$")
-
     max_retries: int = Field(2, ge=0, description="Ray retries of a lost read task")
     max_actor_restarts: int = Field(3, ge=0, description="restarts of a lost editing actor (and of its batch)")
     stall_timeout_s: float = Field(1800.0, gt=0.0, description="the job fails when no stage progresses this long")
