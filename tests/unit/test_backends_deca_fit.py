@@ -477,3 +477,20 @@ def test_align_ffhq_recentres_the_mesh_by_the_authors_formula(fits, weights_dir)
                                      load_flame_texture(weights_dir / "FLAME_texture.npz")(swapped["tex"]),
                                      swapped["light"].reshape(9, 3), 512)
     np.testing.assert_array_equal(render_deca(head, other, head, 512), expected)
+
+
+def test_deca_crop_comes_from_the_68_landmark_box(fits):
+    """DECA's input crop as the authors take it: FAN's 68-point box, side (w + h) / 2 x 1.1 x 1.3, same centre."""
+    from rigface.face.backends.deca_fit import LM68_FROM_MP478, deca_box, landmarks68_box
+
+    assert len(LM68_FROM_MP478) == 68 and len(set(LM68_FROM_MP478)) == 68
+    lm = np.zeros((478, 3), np.float32)
+    lm[:, :2] = 250.0
+    lm[234, 0], lm[454, 0], lm[105, 1], lm[152, 1] = 150.0, 330.0, 120.0, 380.0  # jaw sides, brow top, chin
+    lm[10, 1] = 40.0  # the forehead top of MediaPipe's mesh is not one of the 68 points
+    assert landmarks68_box(lm) == (150.0, 120.0, 330.0, 380.0)
+    x0, y0, side = deca_box(landmarks68_box(lm))
+    assert side == pytest.approx((180 + 260) / 2 * 1.1 * 1.3)
+    assert (x0 + side / 2, y0 + side / 2) == pytest.approx((240.0, 250.0))
+    fit = fits["front"]  # the analyzer crops DECA's input this way from its landmarks (not the detector's box)
+    np.testing.assert_allclose(fit.deca["box"], deca_box(landmarks68_box(fit.landmarks)), atol=1e-3)
