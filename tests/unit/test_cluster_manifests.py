@@ -10,6 +10,7 @@ silently by the API server.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
 from pathlib import Path
@@ -89,9 +90,12 @@ POD_TEMPLATE = _obj({"metadata": OBJECT_META, "spec": POD_SPEC}, ("spec",))
 # KubeRay passes rayStartParams to `ray start` as strings: a YAML number or bool here is rejected by the CRD.
 RAY_START_PARAMS = _map_of(STR)
 HEAD_GROUP = _obj(
-    {"rayStartParams": RAY_START_PARAMS, "template": POD_TEMPLATE, "serviceType": STR, "enableIngress": BOOL},
+    {"rayStartParams": RAY_START_PARAMS, "template": POD_TEMPLATE,
+     "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]}, "enableIngress": BOOL},
     ("template",),
 )
+# KubeRay >= 1.6 (raycluster_types.go AuthOptions): secretName names a Secret with the key `auth_token`.
+AUTH_OPTIONS = _obj({"mode": {"enum": ["disabled", "token"]}, "secretName": DNS_NAME, "enableK8sTokenAuth": BOOL})
 WORKER_GROUP = _obj(
     {
         "groupName": STR, "replicas": {"type": "integer", "minimum": 0},
@@ -113,6 +117,7 @@ RAY_CLUSTER_SPEC = _obj(
     {
         "headGroupSpec": HEAD_GROUP, "workerGroupSpecs": {"type": "array", "items": WORKER_GROUP},
         "rayVersion": STR, "enableInTreeAutoscaling": BOOL, "autoscalerOptions": AUTOSCALER_OPTIONS,
+        "authOptions": AUTH_OPTIONS,
         "headServiceAnnotations": _map_of(STR), "suspend": BOOL,
     },
     ("headGroupSpec",),
@@ -145,7 +150,26 @@ def _top(kind: str, spec: dict) -> dict:
                  "spec": spec}, ("apiVersion", "kind", "metadata", "spec"))
 
 
+# networking.k8s.io/v1 NetworkPolicy, the fields a policy of ours may use.
+LABEL_SELECTOR = _obj({"matchLabels": _map_of(STR)})
+NP_PEER = _obj({"podSelector": LABEL_SELECTOR, "namespaceSelector": LABEL_SELECTOR,
+                "ipBlock": _obj({"cidr": STR, "except": STR_LIST}, ("cidr",))})
+NP_PORT = _obj({"protocol": {"enum": ["TCP", "UDP", "SCTP"]}, "port": {"anyOf": [INT, STR]}, "endPort": INT})
+NETWORK_POLICY = _obj(
+    {"apiVersion": {"const": "networking.k8s.io/v1"}, "kind": {"const": "NetworkPolicy"}, "metadata": OBJECT_META,
+     "spec": _obj({
+         "podSelector": LABEL_SELECTOR,
+         "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+         "ingress": {"type": "array", "items": _obj({"from": {"type": "array", "items": NP_PEER},
+                                                     "ports": {"type": "array", "items": NP_PORT}})},
+         "egress": {"type": "array", "items": _obj({"to": {"type": "array", "items": NP_PEER},
+                                                    "ports": {"type": "array", "items": NP_PORT}})},
+     }, ("podSelector",))},
+    ("apiVersion", "kind", "metadata", "spec"),
+)
+
 SCHEMAS = {
+    "NetworkPolicy": NETWORK_POLICY,
     "RayCluster": _top("RayCluster", RAY_CLUSTER_SPEC),
     "RayJob": _top("RayJob", RAY_JOB_SPEC),
     "ConfigMap": _obj({"apiVersion": {"const": "v1"}, "kind": {"const": "ConfigMap"}, "metadata": OBJECT_META,
@@ -154,7 +178,8 @@ SCHEMAS = {
 
 
 def validate_manifest(doc: dict) -> None:
-    """Raise jsonschema.ValidationError when `doc` uses a field or value the KubeRay v1 CRD does not take."""
+    """Raise jsonschema.ValidationError when `doc` uses a field or value the KubeRay v1 CRD (or core API) does not
+    take."""
     kind = doc.get("kind")
     if kind not in SCHEMAS:
         raise jsonschema.ValidationError(f"unexpected kind {kind!r}")
@@ -180,6 +205,8 @@ def _by_name(name: str) -> list[dict]:
 def _cluster_specs() -> list[tuple[str, dict]]:
     out = []
     for f, d in _docs():
+        if d["kind"] not in ("RayCluster", "RayJob"):
+            continue
         if d["kind"] == "RayCluster":
             out.append((f, d["spec"]))
         elif d["kind"] == "RayJob":
@@ -220,7 +247,8 @@ DRIVER_FORWARDED = re.compile(r"^(AWS_|MLFLOW_|RIGFACE_)")
 
 def test_every_expected_manifest_is_there():
     names = {p.name for p in MANIFESTS}
-    assert {"raycluster.yaml", "rayjob-prepare.yaml", "rayjob-train.yaml", "configmap.yaml"} <= names
+    assert {"raycluster.yaml", "rayjob-prepare.yaml", "rayjob-train.yaml", "configmap.yaml",
+            "networkpolicy.yaml"} <= names
     kinds = sorted(d["kind"] for _, d in _docs())
     assert kinds.count("RayJob") == 2 and kinds.count("RayCluster") == 1
 
@@ -312,16 +340,24 @@ def test_gpu_groups_request_gpus_and_cpu_groups_do_not():
     assert prep == {"cpu", "gpu"}
 
 
-def test_no_credentials_inline_s3_from_secret_mlflow_from_configmap():
+def test_credentials_only_from_secrets_by_key_settings_from_the_configmap():
     for f, c in _containers():
         for env in c.get("env", []):
             if SECRET_NAME.search(env["name"]):
                 assert "value" not in env and "secretKeyRef" in env.get("valueFrom", {}), (f, env["name"])
+        # A whole Secret imported with envFrom would hand every key in it to every process: keys are named.
+        assert not [r for r in c.get("envFrom", []) if "secretRef" in r], (f, c["name"])
         if c["name"] == "ray-job-submitter":
+            # It only runs `ray job submit`: the Ray token, and no S3 or MLflow credential.
+            assert {e["name"] for e in c.get("env", [])} == {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, f
             continue
-        refs = c.get("envFrom", [])
-        assert {"name": "rigface-s3", "optional": True} in [r.get("secretRef") for r in refs], (f, c["name"])
-        assert any(r.get("configMapRef", {}).get("name") == "rigface-config" for r in refs), (f, c["name"])
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c.get("env", []) if "valueFrom" in e}
+        for name, secret in (("AWS_ACCESS_KEY_ID", "rigface-s3"), ("AWS_SECRET_ACCESS_KEY", "rigface-s3"),
+                             ("MLFLOW_TRACKING_USERNAME", "rigface-mlflow"),
+                             ("MLFLOW_TRACKING_PASSWORD", "rigface-mlflow")):
+            # optional: IRSA / Pod Identity pods need no S3 keys, an MLflow without a login no password.
+            assert refs.get(name) == {"name": secret, "key": name, "optional": True}, (f, c["name"], name)
+        assert any(r.get("configMapRef", {}).get("name") == "rigface-config" for r in c.get("envFrom", [])), f
     cm = _by_name("configmap.yaml")[0]
     assert cm["metadata"]["name"] == "rigface-config"
     assert cm["data"]["MLFLOW_TRACKING_URI"].startswith("http")
@@ -329,6 +365,172 @@ def test_no_credentials_inline_s3_from_secret_mlflow_from_configmap():
     text = "\n".join(p.read_text() for p in CLUSTER.rglob("*") if p.is_file())
     assert not re.search(r"AKIA[0-9A-Z]{16}", text), "an AWS access key id is written in cluster/"
     assert "kind: Secret" not in text
+
+
+# ------------------------------------------------------------------ a private cluster
+
+RAY_TOKEN_REF = {"name": "rigface-ray-token", "key": "auth_token"}
+DASHBOARD_PORT = 8265
+
+
+def _has_token_auth(env: list[dict]) -> bool:
+    by_name = {e["name"]: e for e in env}
+    mode = by_name.get("RAY_AUTH_MODE", {}).get("value")
+    token = by_name.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+    return mode == "token" and token == RAY_TOKEN_REF and "value" not in by_name.get("RAY_AUTH_TOKEN", {})
+
+
+def security_problems(docs: list[tuple[str, dict]]) -> list[str]:
+    """Everything that would let a pod, or anything outside the cluster, use Ray without the token."""
+    problems = []
+    policies = [d for _, d in docs if d["kind"] == "NetworkPolicy"]
+    for f, d in docs:
+        if d["kind"] not in ("RayCluster", "RayJob"):
+            continue
+        spec = d["spec"] if d["kind"] == "RayCluster" else d["spec"]["rayClusterSpec"]
+        if spec.get("authOptions") != {"mode": "token", "secretName": RAY_TOKEN_REF["name"]}:
+            problems.append(f"{f}: authOptions is not token auth from the Secret {RAY_TOKEN_REF['name']}")
+        if spec.get("enableInTreeAutoscaling") and not _has_token_auth(spec.get("autoscalerOptions", {}).get("env", [])):
+            problems.append(f"{f}: the autoscaler has no Ray token")
+        head = spec["headGroupSpec"]
+        if head.get("serviceType") != "ClusterIP" or head.get("enableIngress"):
+            problems.append(f"{f}: the head service is reachable from outside the cluster")
+        for group in [head, *spec.get("workerGroupSpecs", [])]:
+            host = group.get("rayStartParams", {}).get("dashboard-host")
+            if host is not None and host not in ("127.0.0.1", "localhost"):
+                problems.append(f"{f}: dashboard-host {host} set by hand")
+        templates = [head["template"], *(g["template"] for g in spec.get("workerGroupSpecs", []))]
+        if d["kind"] == "RayJob":
+            if "submitterPodTemplate" not in d["spec"]:
+                problems.append(f"{f}: no submitterPodTemplate, so no labels or token for the submitter")
+            else:
+                templates.append(d["spec"]["submitterPodTemplate"])
+        for t in templates:
+            labels = t.get("metadata", {}).get("labels", {})
+            guarded = [p for p in policies
+                       if all(labels.get(k) == v for k, v in p["spec"]["podSelector"].get("matchLabels", {}).items())
+                       and p["spec"]["podSelector"].get("matchLabels")]
+            if not guarded:
+                problems.append(f"{f}: a pod template no NetworkPolicy selects (labels {labels})")
+            for c in t["spec"]["containers"]:
+                if not _has_token_auth(c.get("env", [])):
+                    problems.append(f"{f}: container {c['name']} runs without RAY_AUTH_MODE=token and the token Secret")
+    for p in policies:
+        spec = p["spec"]
+        if "Ingress" not in spec.get("policyTypes", []) or not spec["podSelector"].get("matchLabels"):
+            problems.append(f"{p['metadata']['name']}: not an ingress policy on the rigface pods")
+        for rule in spec.get("ingress", []):
+            peers = rule.get("from")
+            if not peers:
+                problems.append(f"{p['metadata']['name']}: an ingress rule open to every source")
+                continue
+            for peer in peers:
+                if "ipBlock" in peer:
+                    problems.append(f"{p['metadata']['name']}: an ipBlock source ({peer['ipBlock']['cidr']})")
+                ns, pod = peer.get("namespaceSelector"), peer.get("podSelector")
+                if ns is not None and not ns.get("matchLabels") and not (pod or {}).get("matchLabels"):
+                    problems.append(f"{p['metadata']['name']}: a rule open to every pod of every namespace")
+                if ns is not None and rule.get("ports") != [{"protocol": "TCP", "port": DASHBOARD_PORT}]:
+                    problems.append(f"{p['metadata']['name']}: another namespace reaches more than the dashboard")
+    if not policies:
+        problems.append("no NetworkPolicy")
+    return problems
+
+
+def test_clusters_are_private_token_auth_clusterip_and_a_network_policy():
+    assert security_problems(_docs()) == []
+    values = json.dumps([d for _, d in _docs()])  # the manifests' content, not their comments
+    assert "0.0.0.0" not in values and "LoadBalancer" not in values and "NodePort" not in values
+
+
+def _mutated(name: str, mutate) -> list[tuple[str, dict]]:
+    docs = copy.deepcopy(_docs())
+    for f, d in docs:
+        if f == name:
+            mutate(d)
+    return docs
+
+
+def _drop_env(c: dict, var: str) -> None:
+    c["env"] = [e for e in c["env"] if e["name"] != var]
+
+
+@pytest.mark.parametrize(
+    "name,mutate",
+    [
+        ("raycluster.yaml", lambda d: d["spec"].pop("authOptions")),
+        ("rayjob-train.yaml", lambda d: d["spec"]["rayClusterSpec"]["authOptions"].__setitem__("mode", "disabled")),
+        ("raycluster.yaml", lambda d: _drop_env(d["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0],
+                                                "RAY_AUTH_MODE")),
+        ("rayjob-prepare.yaml", lambda d: d["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"][1]
+         .__setitem__("value", "hard-coded")),
+        ("raycluster.yaml", lambda d: d["spec"]["autoscalerOptions"].pop("env")),
+        ("raycluster.yaml", lambda d: d["spec"]["headGroupSpec"].__setitem__("serviceType", "LoadBalancer")),
+        ("rayjob-train.yaml", lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+         .__setitem__("dashboard-host", "0.0.0.0")),
+        ("rayjob-prepare.yaml", lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]
+         .pop("metadata")),
+        ("networkpolicy.yaml", lambda d: d["spec"]["ingress"].append({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]})),
+        ("networkpolicy.yaml", lambda d: d["spec"]["ingress"].append({})),
+        ("networkpolicy.yaml", lambda d: d["spec"]["ingress"][2].pop("ports")),
+    ],
+)
+def test_security_check_catches_an_opening(name, mutate):
+    assert security_problems(_mutated(name, mutate)), "the check let an open cluster through"
+
+
+def test_launcher_config_has_token_auth_and_a_loopback_dashboard():
+    cfg = yaml.safe_load((CLUSTER / "aws" / "cluster.yaml").read_text())
+    head = " ".join(cfg["head_start_ray_commands"])
+    worker = " ".join(cfg["worker_start_ray_commands"])
+    assert re.search(r"RAY_AUTH_MODE=token ray start --head", head), head
+    assert re.search(r"RAY_AUTH_MODE=token ray start --address", worker), worker
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    assert "--env RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]
+    # The token travels as a file from the user's machine (`ray get-auth-token --generate`), never inline.
+    assert cfg["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    assert "RAY_AUTH_TOKEN=" not in (CLUSTER / "aws" / "cluster.yaml").read_text()
+
+
+def _dockerignore_patterns(path: Path) -> list[str]:
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    """Docker's rule, enough for our patterns: a path is out when it or a parent folder matches (last match wins)."""
+    import fnmatch
+
+    parts = rel.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    out = False
+    for pat in patterns:
+        neg = pat.startswith("!")
+        pat = pat.lstrip("!")
+        regex = fnmatch.translate(pat).replace(".*", "[^/]*").replace("[^/]*[^/]*", ".*")
+        if pat.startswith("**/"):
+            regex = r"(?:.*/)?" + fnmatch.translate(pat[3:]).replace(".*", "[^/]*")
+        if any(re.fullmatch(regex, c) for c in candidates):
+            out = not neg
+    return out
+
+
+def test_dockerignore_keeps_secrets_and_bulk_out_of_the_image_and_the_sources_in():
+    root, buildkit = REPO / ".dockerignore", CLUSTER / "Dockerfile.dockerignore"
+    patterns = _dockerignore_patterns(root)
+    assert patterns == _dockerignore_patterns(buildkit), "the two ignore files must say the same"
+    for rel in (".rigface/credentials.json", ".rigface/s3/1.dat", "sub/.rigface/stack.env", ".venv/bin/python",
+                ".git/config", "data/videos/a.mp4", "demo_out/outputs.json", "outputs/x.png", "videos/clip.mp4",
+                "weights/unet.safetensors", "rigface/.env", "notebooks/x.ipynb", "tests/conftest.py"):
+        assert _ignored(rel, patterns), f"{rel} would be sent to the docker build"
+    # What the Dockerfile copies must stay in the context.
+    text = re.sub(r"\\\n", " ", (CLUSTER / "Dockerfile").read_text())
+    for ln in text.splitlines():
+        if ln.startswith("COPY"):
+            for src in [p for p in ln.split()[1:] if not p.startswith("--")][:-1]:
+                for f in ([REPO / src] if (REPO / src).is_file() else (REPO / src).rglob("*.py")):
+                    rel = str(f.relative_to(REPO))
+                    assert not _ignored(rel, patterns), f"{rel} is copied by the Dockerfile but ignored"
+    assert not _ignored("rigface/data/storage.py", patterns) and not _ignored("configs/demo.yaml", patterns)
 
 
 def test_rayjobs_clean_up_after_themselves():
