@@ -168,16 +168,16 @@ def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
     DECA's grid is (2u - 1, 1 - 2v): texel column u W - 0.5, row (1 - v) H - 0.5 (v = 1 is the top row).
     """
     h, w = texture.shape[:2]
+    padded = np.pad(np.asarray(texture, np.float32), ((1, 1), (1, 1), (0, 0)))  # zeros padding, as grid_sample
     x = np.asarray(uv[:, 0], np.float64) * w - 0.5
     y = (1.0 - np.asarray(uv[:, 1], np.float64)) * h - 0.5
-    x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
-    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
-    out = np.zeros((len(x), texture.shape[2]), np.float64)
-    for dx, dy, wgt in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
-        xi, yi = x0 + dx, y0 + dy
-        ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        out[ok] += wgt[ok] * texture[yi[ok], xi[ok]]
-    return out.astype(np.float32)
+    x0, y0 = np.floor(x), np.floor(y)
+    fx, fy = (x - x0).astype(np.float32)[:, None], (y - y0).astype(np.float32)[:, None]
+    # +1 for the pad; anything beyond it lands on the zero border
+    xi = np.clip(x0.astype(np.int64) + 1, 0, w + 1), np.clip(x0.astype(np.int64) + 2, 0, w + 1)
+    yi = np.clip(y0.astype(np.int64) + 1, 0, h + 1), np.clip(y0.astype(np.int64) + 2, 0, h + 1)
+    return ((1 - fx) * (1 - fy) * padded[yi[0], xi[0]] + fx * (1 - fy) * padded[yi[0], xi[1]]
+            + (1 - fx) * fy * padded[yi[1], xi[0]] + fx * fy * padded[yi[1], xi[1]])
 
 
 def deca_shading(normals: np.ndarray, light: np.ndarray) -> np.ndarray:
@@ -199,9 +199,9 @@ def render_uv_textured(mesh: np.ndarray, faces: np.ndarray, uvs: np.ndarray, uv_
 
     normals = geometry.vertex_normals(geometry.image_to_view(mesh), faces)
     pix, tid, bary = rasterize(mesh, faces, size)
-    b = bary.astype(np.float64)[:, :, None]
-    uv = (b * uvs[uv_faces[tid]]).sum(1)
-    n = (b * normals[faces[tid]]).sum(1)
+    b = bary.astype(np.float32)
+    uv = np.einsum("pk,pkc->pc", b, np.asarray(uvs, np.float32)[uv_faces[tid]])
+    n = np.einsum("pk,pkc->pc", b, normals[faces[tid]])
     color = sample_texture(texture, uv) * deca_shading(n, light)
     image = np.zeros((size * size, 3), np.uint8)
     image[pix] = (np.clip(color, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)  # torchvision save_image's rounding
