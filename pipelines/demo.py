@@ -305,6 +305,8 @@ def print_summary(console, outputs: Mapping[str, Any]) -> None:
     console.print(f"step times: {steps}")
     console.print("Notebooks: jupyter lab notebooks/  (they read RIGFACE_DEMO_OUTPUTS, default demo_out/outputs.json)")
     console.print("The local stack is still running, for MLflow. Stop it with: [bold]rigface stack down[/bold]")
+    console.print("MLflow asks for a login: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD from "
+                  "[bold]rigface stack env[/bold]")
 
 
 def build_parser() -> argparse.ArgumentParser:

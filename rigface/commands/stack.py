@@ -36,9 +36,9 @@ def run(args: argparse.Namespace, cfg: RigFaceConfig) -> int:
             console.print(f"stopped {len(stopped)} server(s); data kept in {stack.state}")
             return 0
         elif args.action == "env":
-            # For `eval "$(rigface stack env)"`: export lines, including the generated local credentials.
-            for k, v in stack.env().items():
-                print(f"export {k}={v}")
+            # For `eval "$(rigface stack env)"`: export lines, including the generated local credentials. Every
+            # value is shell-quoted, so whatever the state files hold, the shell only assigns it.
+            print(stack.shell_env(), end="")
             return 0
     except StackError as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -60,4 +60,7 @@ def run(args: argparse.Namespace, cfg: RigFaceConfig) -> int:
         table.add_row("(none)", "not started: run `rigface stack up`", "-", "False")
     console.print(table)
     console.print(f"state: {st['state_dir']}  env file: {st.get('env_file', '-')}")
+    if "mlflow" in st:
+        console.print("MLflow login: user and password are MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+                      "in the env file (`rigface stack env`)")
     return 0 if st["running"] else 1
