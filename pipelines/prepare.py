@@ -262,6 +262,7 @@ class AnalyzeFrames:
         self.guard.call(_ping)  # build the backend now: a broken face config fails the job at start, loudly
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
         fits_col = []
         frames_col = batch["frames"]
         status = list(batch["status"])
@@ -277,6 +278,7 @@ class AnalyzeFrames:
         batch["status"] = np.array(status, dtype=object)
         batch["fits"] = np.array(fits_col, dtype=object)
         batch["frames"] = np.array([None] * len(fits_col), dtype=object)  # full frames are not needed further on
+        batch["busy_analyze"] = np.full(len(fits_col), (time.perf_counter() - t0) / max(len(fits_col), 1))
         return batch
 
 
@@ -538,9 +540,9 @@ def _run_stages(cfg: RigFaceConfig, pending: dict[str, list[dict]], n_pairs: int
     task_opts = dict(max_retries=p.max_retries)
     actor_opts = dict(max_restarts=p.max_actor_restarts, max_task_retries=p.max_actor_restarts)
     guard = dict(timeout_s=p.video_timeout_s, retries=p.max_retries)
-    ds = ds.map(decode_row, fn_kwargs=dict(n_pairs=n_pairs, spare=spare, min_gap_seconds=p.min_gap_seconds,
-                                           seed=p.seed, max_side=p.max_frame_side, probe=_probe_settings(cfg),
-                                           **guard),
+    ds = ds.map(_busy("decode", decode_row),
+                fn_kwargs=dict(n_pairs=n_pairs, spare=spare, min_gap_seconds=p.min_gap_seconds, seed=p.seed,
+                               max_side=p.max_frame_side, probe=_probe_settings(cfg), **guard),
                 num_cpus=task_cpus, **task_opts)
     ds = ds.map_batches(
         AnalyzeFrames, fn_constructor_args=(face_cfg, backend_factory), fn_constructor_kwargs=guard, batch_size=1,
@@ -548,28 +550,59 @@ def _run_stages(cfg: RigFaceConfig, pending: dict[str, list[dict]], n_pairs: int
         # Fractional CPUs: the pool must never take every CPU, or the decode tasks starve and the job hangs.
         num_cpus=pool.cpus, num_gpus=pool.gpus or None, **actor_opts,
     )
-    ds = ds.map(build_samples_row, fn_kwargs=dict(n_pairs=n_pairs, min_gap_seconds=p.min_gap_seconds, seed=p.seed,
-                                                  jpeg_quality=p.jpeg_quality, backend_factory=backend_factory,
-                                                  face_cfg=cfg.face), num_cpus=task_cpus, **task_opts)
+    ds = ds.map(_busy("build", build_samples_row),
+                fn_kwargs=dict(n_pairs=n_pairs, min_gap_seconds=p.min_gap_seconds, seed=p.seed,
+                               jpeg_quality=p.jpeg_quality, backend_factory=backend_factory, face_cfg=cfg.face),
+                num_cpus=task_cpus, **task_opts)
 
     expected = {url: {v["video_id"] for v in vids} for url, vids in pending.items()}
     buffers: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     futures: list[Future] = []
+    busy: Counter[str] = Counter()
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="shard-writer") as pool:
         for row in ds.iter_rows():
             url, vid = row["shard"], row["video_id"]
+            busy.update({k: float(row.get(f"busy_{k}") or 0.0) for k in BUSY_STAGES})
             # A retried task may deliver a video twice; the first copy wins, so every sample lands once.
             buffers[url].setdefault(vid, {"report": json.loads(row["report"]), "keys": list(row["keys"]),
                                           "samples": list(row["samples"])})
             if set(buffers[url]) >= expected[url]:
-                futures.append(pool.submit(_write_one, url, buffers.pop(url)))
+                futures.append(pool.submit(_busy_write, busy, url, buffers.pop(url)))
             for f in [f for f in futures if f.done()]:
                 futures.remove(f)
                 f.result()  # surface write errors early
         for f in futures:
             f.result()
+    # Seconds each stage held a worker, summed over workers (bench/prepare.py prints them).
+    summary.stage_seconds.update({f"busy_{k}": round(v, 3) for k, v in busy.items()})
     if buffers:
         raise PrepareError(f"stream ended with {len(buffers)} incomplete shard(s): {sorted(buffers)[:3]}")
+
+
+BUSY_STAGES = ("decode", "analyze", "build", "write")
+
+
+def _busy(stage: str, fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """A row stage that also reports how long it ran (`busy_<stage>`), carrying earlier stages' figures on."""
+
+    def run(row: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        out = fn(row, **kw)
+        for k in BUSY_STAGES:
+            if f"busy_{k}" in row:
+                out.setdefault(f"busy_{k}", row[f"busy_{k}"])
+        out[f"busy_{stage}"] = time.perf_counter() - t0
+        return out
+
+    return run
+
+
+def _busy_write(busy: Counter, url: str, videos: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    try:
+        return _write_one(url, videos)
+    finally:
+        busy["write"] += time.perf_counter() - t0  # Counter updates under the GIL; a rare lost add is harmless
 
 
 def _probe_settings(cfg: RigFaceConfig) -> dict[str, Any] | None:

@@ -278,3 +278,5 @@ def test_face_pool_sized_from_the_resources_ray_reports(ray_local, tmp_path):
     s = run_prepare(c, source=str(src), output=str(tmp_path / "out"), backend_factory=PidBackend)
     assert s.pairs == 8
     assert len(list(pids.iterdir())) == 2
+    # Each stage reports the seconds it held a worker (bench/prepare.py prints them).
+    assert all(s.stage_seconds[f"busy_{k}"] > 0 for k in ("decode", "analyze", "build", "write")), s.stage_seconds
