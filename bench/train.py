@@ -1,24 +1,33 @@
-"""Benchmark of `rigface train` (tiny model, CPU): Ray Train overhead and scaling, data-wait share.
+"""Benchmark of `rigface train` (tiny model, CPU): Ray Train overhead and scaling, data-wait share, latent cache.
 
 Prints one table:
   plain loop, 1 process     median step time over the same batches (the baseline)
+  plain loop, latent cache  median step time with `rigface latents` sidecars (no VAE, no image decode), ratio
+  VAE FLOPs saved / SD-1.5 sample   counted with torch.utils.flop_counter on SD-1.5's VAE encoder shapes (meta
+                            tensors: no weights, no compute), 4 images x 512 px, and its share of a full step
   Ray Train, 1 worker       median step time (from the run's MLflow metrics), ratio to the baseline (goal <= 1.05)
   Ray Train, 2 workers      samples/s, ratio to 1 worker
   data-wait share           median share of the step spent waiting for the next batch
   SD-1.5 size, 512 px bf16  samples/s on one GPU, or 'n/a (no GPU)'
 
-Run: .venv/bin/python bench/train.py [--steps 30]  (starts a throwaway local stack: S3 + MLflow).
+Run: .venv/bin/python bench/train.py [--steps 30] [--cache-only]  (starts a throwaway local stack: S3 + MLflow;
+--cache-only measures the latent-cache rows alone, on a local folder, without the stack or Ray).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # shard_media: the synthetic shards the tests use
 
 
-def plain_loop(cfg, urls, steps: int) -> float:
+def plain_loop(cfg, urls, steps: int, latents_tag: str | None = None) -> float:
     """Median step time of a plain single-process loop: same model, optimizer and batches, no Ray."""
     import torch
 
@@ -27,10 +36,11 @@ def plain_loop(cfg, urls, steps: int) -> float:
 
     tc = cfg.train
     c = build_rigface(cfg.model)
+    torch.manual_seed(0)
     opt = torch.optim.AdamW(c.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     batches = infinite_batches(urls, rank=0, world=1, seed=tc.seed, batch_size=tc.batch_size,
                                resolution=cfg.model.resolution, loader_workers=tc.loader_workers,
-                               shuffle_buffer=tc.shuffle_buffer)
+                               shuffle_buffer=tc.shuffle_buffer, latents_tag=latents_tag)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -43,6 +53,67 @@ def plain_loop(cfg, urls, steps: int) -> float:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[3:])
+
+
+def write_latents(cfg, urls) -> str:
+    """The sidecars `rigface latents` writes, made in this process by the job's own actor class."""
+    from pipelines.latents import ShardLatentWriter
+
+    writer = ShardLatentWriter(cfg.model_dump(mode="json"), use_gpu=False)
+    for url in urls:
+        row = writer.encode_shard(url)
+        if row["status"] not in ("written", "done"):
+            raise RuntimeError(f"latents for {url}: {row}")
+    return writer.tag
+
+
+def sd15_vae_flops() -> tuple[float, float]:
+    """(VAE encoder FLOPs of one training sample's 4 images at 512 px, FLOPs of the whole training step of one
+    sample: VAE + both UNets forward and backward), counted on meta tensors of SD-1.5's shapes."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rigface.model import ModelConfig
+    from rigface.model.build import build_rigface
+    from rigface.model.training import training_step
+
+    with torch.device("meta"):
+        c = build_rigface(ModelConfig(preset="sd15", resolution=512, expression_dim=64))
+        batch = {k: torch.empty(1, 3, 512, 512) for k in ("source", "target", "render", "background")}
+        batch["expression"] = torch.empty(1, 64)
+    vae_count = FlopCounterMode(display=False)
+    with vae_count, torch.no_grad():
+        c.vae.encode(torch.cat([batch[k] for k in ("source", "target", "render", "background")]))
+    step_count = FlopCounterMode(display=False)
+    with step_count:
+        training_step(c, batch).backward()
+    return float(vae_count.get_total_flops()), float(step_count.get_total_flops())
+
+
+def cache_rows(steps: int) -> list[tuple[str, str, str]]:
+    """Step time with and without the latent cache, same shards, same loop, one run; and the SD-1.5 FLOPs."""
+    from pipelines.train_data import list_shards
+    from rigface.config import load_config
+    from shard_media import write_synthetic_shards
+
+    with tempfile.TemporaryDirectory() as root:
+        write_synthetic_shards(root, n_shards=4, per_shard=16, size=64, dim=8)
+        cfg = load_config([REPO / "configs/train/tiny.yaml"], ["model.expression_dim=8", "train.batch_size=4"])
+        urls = list_shards(root)
+        t0 = time.perf_counter()
+        tag = write_latents(cfg, urls)
+        encode_s = time.perf_counter() - t0
+        base = plain_loop(cfg, urls, steps)
+        cached = plain_loop(cfg, urls, steps, latents_tag=tag)
+    vae, step = sd15_vae_flops()
+    return [
+        ("tiny, plain loop, VAE each step: step time", f"{base * 1000:.1f} ms", "1.00"),
+        ("tiny, plain loop, latent cache: step time", f"{cached * 1000:.1f} ms", f"{cached / base:.2f}"),
+        ("tiny, speed-up from the cache (VAE / cache)", f"{base / cached:.2f}x", "-"),
+        ("tiny, `rigface latents` encode time (64 pairs)", f"{encode_s:.1f} s", "-"),
+        ("SD-1.5 VAE FLOPs saved per sample (4 x 512 px)", f"{vae / 1e12:.2f} TFLOP", f"{vae / step:.2f} of step"),
+        ("SD-1.5 step FLOPs per sample, no cache", f"{step / 1e12:.2f} TFLOP", f"<= {step / (step - vae):.2f}x bound"),
+    ]
 
 
 def ray_run(cfg, data: str, name: str, steps: int, workers: int) -> dict[str, float]:
@@ -67,17 +138,25 @@ def gpu_row() -> str:
     return f"{samples_per_s:.1f} samples/s (batch 4)"
 
 
+def print_table(rows) -> None:
+    w = max(len(r[0]) for r in rows)
+    print(f"{'measure':<{w}}  {'value':>24}  ratio")
+    for name, value, ratio in rows:
+        print(f"{name:<{w}}  {value:>24}  {ratio}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--cache-only", action="store_true", help="only the latent-cache rows (no stack, no Ray)")
     args = ap.parse_args()
 
     import os
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
-    from test_train_data import write_synthetic_shards
+    if args.cache_only:
+        print_table(cache_rows(args.steps))
+        return
+    from shard_media import write_synthetic_shards
 
     import ray
 
@@ -91,7 +170,7 @@ def main() -> None:
         try:
             data = "s3://bench/shards"
             write_synthetic_shards(data, n_shards=8, per_shard=16, size=64, dim=8)
-            cfg = load_config([Path(__file__).resolve().parents[1] / "configs/train/tiny.yaml"],
+            cfg = load_config([REPO / "configs/train/tiny.yaml"],
                               ["model.expression_dim=8", "train.checkpoint_every=100000", "train.image_every=100000",
                                "train.log_every=10", "train.storage_path=s3://bench/runs"])
             base = plain_loop(cfg, list_shards(data), args.steps)
@@ -101,7 +180,7 @@ def main() -> None:
             ray.shutdown()
         finally:
             stack.down()
-    rows = [
+    rows = cache_rows(args.steps) + [
         ("plain loop, 1 process: step time", f"{base * 1000:.1f} ms", "1.00"),
         ("Ray Train, 1 worker: step time", f"{one['step_time_s'] * 1000:.1f} ms", f"{one['step_time_s'] / base:.2f}"),
         ("Ray Train, 2 workers: samples/s vs 1", f"{two['samples_per_s']:.1f} vs {one['samples_per_s']:.1f}",
@@ -110,10 +189,7 @@ def main() -> None:
          f"{one['data_wait_share']:.1%} / {two['data_wait_share']:.1%}", "-"),
         ("SD-1.5 size, 512 px bf16, 1 GPU", gpu_row(), "-"),
     ]
-    w = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{w}}  {'value':>24}  ratio")
-    for name, value, ratio in rows:
-        print(f"{name:<{w}}  {value:>24}  {ratio}")
+    print_table(rows)
 
 
 if __name__ == "__main__":

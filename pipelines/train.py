@@ -100,6 +100,7 @@ def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | No
     if not train_shards:
         raise TrainError(f"no train shards under {tc.data}")
     card = read_card(tc.data) or {}
+    latent_tags = sorted(_complete_latent_tags(tc.data, train_shards)) if tc.latent_cache else []
     storage_uri, fs, storage_path = storage_location(cfg)
 
     mlflow_client = tracking.client(cfg.storage.mlflow_tracking_uri)
@@ -121,7 +122,7 @@ def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | No
         train_func,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "train_shards": train_shards,
                            "val_shards": val_shards, "val_split": val_split, "mlflow_run_id": run_id,
-                           "checkpoint_root": f"{storage_uri}/{tc.run_name}"},
+                           "checkpoint_root": f"{storage_uri}/{tc.run_name}", "latent_tags": latent_tags},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(
             name=tc.run_name,
@@ -162,6 +163,7 @@ def train_func(config: dict[str, Any]) -> None:
     import torch
 
     from pipelines.train_data import fixed_batch, infinite_batches
+    from pipelines.train_strategy import Strategy, check_options, make_optimizer
     from rigface.model import build_rigface, training_step
 
     cfg = RigFaceConfig.model_validate(config["cfg"])
@@ -172,35 +174,40 @@ def train_func(config: dict[str, Any]) -> None:
     _seed_everything(tc.seed + rank)
 
     # -- model, optimizer, schedule (trainable weights stay fp32; autocast does bf16 math on GPUs)
+    check_options(tc.strategy, tc.optimizer, tc.ema_decay is not None)
     components = build_rigface(cfg.model)
     model = components.model.to(device)
     components = dataclasses.replace(components, model=model, vae=components.vae.to(device).requires_grad_(False),
                                      text_embedding=components.text_embedding.to(device))
     if tc.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    # DDP replicas or FSDP2 shards; the optimizer is made after sharding (it must see the shards).
+    strategy = Strategy(tc.strategy, model, device, world, tc.mixed_precision)
+    train_model = strategy.wrap()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(params, name=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = _lr_schedule(optimizer, tc.warmup_steps)
     ema = _ema(model, tc.ema_decay)
 
     # -- resume: weights, optimizer, schedule, EMA and the step count from the latest checkpoint
-    step, epoch = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler, ema)
+    step, epoch = _restore(ray.train.get_checkpoint(), strategy, optimizer, scheduler, ema)
     if step >= tc.max_steps:
         log.info("train: checkpoint at step %d already meets max_steps=%d", step, tc.max_steps)
         return
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP (gloo on CPU, NCCL on GPU)
-    if ddp_model is not model:
-        ddp_model.config = model.config  # training_step reads model.config; the DDP wrapper hides it
-    step_components = dataclasses.replace(components, model=ddp_model)
+    step_components = dataclasses.replace(components, model=train_model)
 
+    latents_tag = _latents_tag(components, cfg, config.get("latent_tags") or [])
     tracker = _RankZeroTracker(config["mlflow_run_id"], cfg) if rank == 0 else None
+    if tracker is not None:
+        tracker.client.set_tag(tracker.run_id, "rigface.latent_cache", latents_tag or "none")
     val_batch = fixed_batch(config["val_shards"], n=tc.val_batch_size, resolution=cfg.model.resolution,
                            split=config["val_split"]) \
         if rank == 0 else None
     batches = infinite_batches(config["train_shards"], start_epoch=epoch, rank=rank, world=world, seed=tc.seed,
                                batch_size=tc.batch_size, resolution=cfg.model.resolution,
                                loader_workers=tc.loader_workers, shuffle_buffer=tc.shuffle_buffer, split="train",
-                               min_quality=tc.min_quality, quality_filters=tuple(tc.quality_filters))
+                               min_quality=tc.min_quality, quality_filters=tuple(tc.quality_filters),
+                               latents_tag=latents_tag)
     autocast = _autocast(device, tc.mixed_precision)
     generator = torch.Generator(device=device).manual_seed(tc.seed * 1000 + rank + step)
     fault = _FaultInjection.from_env(rank)
@@ -216,7 +223,7 @@ def train_func(config: dict[str, Any]) -> None:
             epoch, batch = next(batches)
             data_wait += time.perf_counter() - t_data
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            sync = ddp_model.no_sync() if world > 1 and micro < tc.grad_accum - 1 else contextlib.nullcontext()
+            sync = strategy.no_sync(last_micro=micro == tc.grad_accum - 1)
             with sync:
                 with autocast:
                     loss = training_step(step_components, batch, generator=generator)
@@ -228,7 +235,7 @@ def train_func(config: dict[str, Any]) -> None:
                 loss_sum += loss_value
         grad_norm = float("nan")
         if not skipped:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+            grad_norm = strategy.clip_grad_norm(params, tc.max_grad_norm)
             skipped = not math.isfinite(grad_norm)
         if not skipped:
             optimizer.step()
@@ -254,21 +261,50 @@ def train_func(config: dict[str, Any]) -> None:
             tracker.metrics.add(step, metrics)
             if step % tc.log_every == 0:
                 tracker.metrics.flush()
-            if val_batch is not None and (step % tc.image_every == 0 or step == tc.max_steps):
-                tracker.log_grid(components, val_batch, step)
+            if val_batch is not None and strategy.name == "ddp" and (step % tc.image_every == 0
+                                                                       or step == tc.max_steps):
+                tracker.log_grid(components, val_batch, step)  # fsdp: rank 0 alone cannot run sharded layers
 
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-            _save_checkpoint(step, epoch, model, optimizer, scheduler, ema, config, tracker,
+            _save_checkpoint(step, epoch, strategy, optimizer, scheduler, ema, config, tracker,
                              {"step": step, "epoch": epoch, **({"loss": loss_sum / tc.grad_accum} if not skipped else {})})
             last_ckpt_step = step
 
+    final = strategy.unsharded_copy(strategy.full_model_state()) if strategy.name == "fsdp" else model
     if tracker is not None:
         tracker.metrics.flush()
-        tracker.log_final_model(components, model, ema, tc.register_model)
+        tracker.log_final_model(components, final, ema, tc.register_model)
     log.info("train: rank %d done at step %d (last checkpoint %d)", rank, step, last_ckpt_step)
 
 
 # ---------------------------------------------------------------- pieces of train_func
+
+
+def _complete_latent_tags(data_url: str, train_shards: list[str]) -> set[str]:
+    """Latent caches (VAE identity + resolution) that cover every train shard; which one fits is decided on
+    the workers, which hold the model's VAE."""
+    from rigface.data import latents as cache
+
+    try:
+        return cache.complete_tags(train_shards, storage.list_urls(data_url))
+    except Exception as exc:  # noqa: BLE001 - no cache is never fatal: training encodes with the VAE
+        log.warning("train: cannot list latent sidecars under %s: %s", data_url, exc)
+        return set()
+
+
+def _latents_tag(components, cfg: RigFaceConfig, complete: list[str]) -> str | None:
+    """This model's cache tag when a complete cache made by its own VAE exists, else None (the VAE encodes)."""
+    if not complete:
+        return None
+    from rigface.data import latents as cache
+
+    tag = cache.cache_tag(cache.vae_identity(components.vae), cfg.model.resolution)
+    if tag in complete:
+        log.info("train: using cached latents %s", tag)
+        return tag
+    log.warning("train: latent caches %s were made by another VAE or resolution (this model: %s); "
+                "encoding with the VAE", complete, tag)
+    return None
 
 
 def _seed_everything(seed: int) -> None:
@@ -319,18 +355,21 @@ def _all_ranks_loss(loss, world: int) -> tuple[float, bool]:
     return float(t[0]) / world, bool(t[1] > 0)
 
 
-def _restore(checkpoint, model, optimizer, scheduler, ema) -> tuple[int, int]:
+def _restore(checkpoint, strategy, optimizer, scheduler, ema) -> tuple[int, int]:
     """Load the latest checkpoint into the live objects; (step, next epoch), or (0, 0) on a fresh run."""
     import torch
 
     if checkpoint is None:
         return 0, 0
+    model = strategy.model
     with checkpoint.as_directory() as d:
-        loaded = type(model).from_pretrained(os.path.join(d, MODEL_DIR))
-        model.load_state_dict(loaded.state_dict())
-        del loaded
+        loaded = strategy.model_class.from_pretrained(os.path.join(d, MODEL_DIR))
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    saved_by = state.get("strategy", "ddp")
+    if saved_by != strategy.name:
+        raise TrainError(f"the run's checkpoint was written by train.strategy={saved_by}; resume it with that")
+    strategy.load_full_state(loaded.state_dict(), optimizer, state["optimizer"])
+    del loaded
     scheduler.load_state_dict(state["scheduler"])
     if ema is not None and state.get("ema") is not None:
         ema.load_state_dict(state["ema"])
@@ -340,17 +379,22 @@ def _restore(checkpoint, model, optimizer, scheduler, ema) -> tuple[int, int]:
     return int(state["step"]), int(state["epoch"]) + 1
 
 
-def _save_checkpoint(step, epoch, model, optimizer, scheduler, ema, config, tracker, metrics) -> None:
-    """Rank 0 writes the model (save_pretrained, safetensors) and the training state; every rank reports."""
+def _save_checkpoint(step, epoch, strategy, optimizer, scheduler, ema, config, tracker, metrics) -> None:
+    """Rank 0 writes the model (save_pretrained, safetensors) and the training state; every rank reports (and,
+    under fsdp, takes part in gathering the full state first)."""
     import ray.train
     import torch
 
     name = f"checkpoint_{step:08d}"
+    sharded = strategy.name == "fsdp"
+    model_state = strategy.full_model_state() if sharded else None
+    optimizer_state = strategy.full_optimizer_state(optimizer)
     with tempfile.TemporaryDirectory(prefix="rigface-ckpt-") as d:
         checkpoint = None
         if tracker is not None:
+            model = strategy.unsharded_copy(model_state) if sharded else strategy.model
             model.save_pretrained(os.path.join(d, MODEL_DIR), safe_serialization=True)
-            torch.save({"step": step, "epoch": epoch, "optimizer": optimizer.state_dict(),
+            torch.save({"step": step, "epoch": epoch, "optimizer": optimizer_state, "strategy": strategy.name,
                         "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                         "mlflow_run_id": config["mlflow_run_id"]}, os.path.join(d, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(d)

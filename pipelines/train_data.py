@@ -26,6 +26,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from rigface.data import latents as latent_cache
 from rigface.data import storage
 from rigface.data.schema import SchemaError, decode_sample
 from rigface.data.shards import register_webdataset_s3, stats_url
@@ -33,6 +34,8 @@ from rigface.data.shards import register_webdataset_s3, stats_url
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("source", "target", "render", "background")
+LATENT_PREFIX = "latent_"  # == rigface.model.training.LATENT_PREFIX (kept torch-model-free here)
+LATENT_KEYS = tuple(LATENT_PREFIX + k for k in latent_cache.LATENT_KEYS)
 
 
 class TrainDataError(RuntimeError):
@@ -113,12 +116,52 @@ def _to_chw(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def decode_for_training(raw: Mapping[str, Any], resolution: int) -> dict[str, Any]:
-    """A raw webdataset sample -> float CHW arrays in [-1, 1] at ``resolution`` + the expression vector."""
+    """A raw webdataset sample -> float CHW arrays in [-1, 1] at ``resolution`` + the expression vector; with
+    cached latents attached (``__latents__``) the images are not decoded at all, only the expression."""
+    if "__latents__" in raw:
+        return _decode_with_latents(raw)
     sample = decode_sample(raw)
     out: dict[str, Any] = {k: _to_chw(getattr(sample, k), resolution) for k in IMAGE_KEYS}
     out["expression"] = np.asarray(sample.expression, dtype=np.float32).reshape(-1)
     out["__key__"] = sample.key
     return out
+
+
+def _decode_with_latents(raw: Mapping[str, Any]) -> dict[str, Any]:
+    key = raw.get("__key__")
+    members = {k.lstrip("."): v for k, v in raw.items() if not k.startswith("__")}
+    try:
+        expression = np.load(io.BytesIO(members["expression.npy"]), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - a bad member is this sample's schema fault
+        raise SchemaError(f"{key}: cannot decode expression.npy: {exc}") from exc
+    if expression.dtype != np.float32 or expression.ndim != 1 or not np.all(np.isfinite(expression)):
+        raise SchemaError(f"{key}: expression.npy is {expression.dtype} {expression.shape}, or not finite")
+    out: dict[str, Any] = {LATENT_PREFIX + k: v.numpy() for k, v in raw["__latents__"].items()}
+    out["expression"] = expression
+    out["__key__"] = key
+    return out
+
+
+def attach_latents(data: Iterator[dict[str, Any]], tag: str) -> Iterator[dict[str, Any]]:
+    """Add each sample's cached latents (``__latents__``) from its shard's sidecar. Samples arrive shard by
+    shard here (before any shuffle), so one sidecar is held at a time. A sidecar that cannot be read skips its
+    shard's samples, and a key missing from it skips that sample, each with a logged warning."""
+    url, current = None, None
+    for raw in data:
+        if raw.get("__url__") != url:
+            url = raw.get("__url__")
+            try:
+                current = latent_cache.read_sidecar(url, tag)
+            except Exception as exc:  # noqa: BLE001 - one bad sidecar must not stop the epoch
+                log.warning("train data: latent sidecar of %s unreadable, its samples skipped: %s", url, exc)
+                current = None
+        if current is None:
+            continue
+        key = raw.get("__key__")
+        if key not in current:
+            log.warning("train data: %s has no cached latents in its sidecar; skipped", key)
+            continue
+        yield {**raw, "__latents__": current.sample(key)}
 
 
 def _raw_split(raw: Mapping[str, Any]) -> str | None:
@@ -133,7 +176,10 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     dims = {s["expression"].shape for s in samples}
     if len(dims) != 1:
         raise SchemaError(f"expression vectors of different sizes in one batch: {sorted(dims)}")
-    batch: dict[str, Any] = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in IMAGE_KEYS}
+    kinds = {tuple(k for k in (*IMAGE_KEYS, *LATENT_KEYS) if k in s) for s in samples}
+    if len(kinds) != 1:
+        raise SchemaError("images and cached latents mixed in one batch")
+    batch: dict[str, Any] = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in kinds.pop()}
     batch["expression"] = torch.from_numpy(np.stack([s["expression"] for s in samples]))
     batch["__key__"] = [s["__key__"] for s in samples]
     return batch
@@ -160,8 +206,9 @@ def _quality_ok(data: Iterator[Mapping[str, Any]], keep) -> Iterator[Mapping[str
 
 def build_pipeline(plan: RankPlan, *, batch_size: int, resolution: int, split: str | None = "train",
                    shuffle_buffer: int = 256, seed: int = 0, min_quality: float | None = None,
-                   quality_filters: tuple[str, ...] = ()) -> wds.DataPipeline:
-    """The webdataset pipeline of one rank for one epoch: shards -> samples -> decoded -> batches.
+                   quality_filters: tuple[str, ...] = (), latents_tag: str | None = None) -> wds.DataPipeline:
+    """The webdataset pipeline of one rank for one epoch: shards -> samples -> decoded -> batches. With
+    ``latents_tag`` the samples carry the shard sidecars' latents instead of decoded images.
 
     min_quality / quality_filters (train.min_quality, train.quality_filters): pairs below them are dropped
     here, before decoding, from meta.json["quality"] (rigface.data.quality)."""
@@ -174,6 +221,8 @@ def build_pipeline(plan: RankPlan, *, batch_size: int, resolution: int, split: s
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=warn_and_skip),
     ]
+    if latents_tag is not None:
+        stages.append(wds.pipelinefilter(attach_latents)(latents_tag))
     if plan.sample_stride > 1:
         stages.append(wds.pipelinefilter(_every_nth)(plan.sample_stride, plan.sample_offset))
     stages.append(wds.pipelinefilter(_only_split)(split))
@@ -191,12 +240,13 @@ def build_pipeline(plan: RankPlan, *, batch_size: int, resolution: int, split: s
 def epoch_loader(urls: list[str], *, rank: int, world: int, epoch: int, seed: int, batch_size: int,
                  resolution: int, loader_workers: int, shuffle_buffer: int,
                  split: str | None = "train", min_quality: float | None = None,
-                 quality_filters: tuple[str, ...] = ()) -> torch.utils.data.DataLoader:
+                 quality_filters: tuple[str, ...] = (), latents_tag: str | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over this rank's part of one epoch; decoding and batching run in background workers."""
     plan = plan_epoch(urls, rank=rank, world=world, epoch=epoch, seed=seed)
     pipeline = build_pipeline(plan, batch_size=batch_size, resolution=resolution, split=split,
                               shuffle_buffer=shuffle_buffer, seed=seed * 7919 + epoch * 104_729 + rank,
-                              min_quality=min_quality, quality_filters=tuple(quality_filters))
+                              min_quality=min_quality, quality_filters=tuple(quality_filters),
+                              latents_tag=latents_tag)
     kwargs: dict[str, Any] = {}
     if loader_workers > 0:
         kwargs.update(prefetch_factor=2, persistent_workers=False)

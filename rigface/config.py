@@ -148,6 +148,23 @@ class TrainConfig(_Section):
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: max(2, num_workers))")
     loader_workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(256, ge=0)
+    latent_cache: bool = Field(True, description="use `rigface latents` sidecars made by this model's VAE, "
+                                                 "when every train shard has one; else encode with the VAE")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: full replicas; fsdp: parameters, "
+                                              "gradients and optimizer state sharded over the workers (FSDP2)")
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit: bitsandbytes' 8-bit "
+                                                     "AdamW state (2 bytes per parameter instead of 8)")
+
+
+class LatentsConfig(_Section):
+    """`rigface latents`: the frozen VAE's latents of every shard, written beside it."""
+
+    data: str | None = None
+    num_actors: int = Field(1, ge=1, description="encoding actors (one GPU each where resources.gpus uses them)")
+    actor_cpus: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(8, ge=1, description="images per VAE call are 4x this")
+    dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype of the latents")
+    overwrite: bool = False
 
 
 class EvaluateConfig(_Section):
@@ -199,6 +216,7 @@ class RigFaceConfig(_Section):
     prepare: PrepareConfig = PrepareConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    latents: LatentsConfig = LatentsConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     demo: DemoConfig = DemoConfig()
 

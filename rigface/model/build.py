@@ -67,11 +67,26 @@ def _random(cfg: ModelConfig, seed: int) -> RigFaceComponents:
         torch.manual_seed(seed)
         denoise, identity = unet_configs(UNETS[cfg.preset], cfg.conditioning)
         model = RigFaceModel(denoise, identity, cfg.expression_dim, cfg.conditioning)
-        vae = AutoencoderKL.from_config(VAES[cfg.preset])
+    vae = _random_vae(cfg, seed)
     # No CLIP vocabulary exists offline: a seeded stand-in of the real shape, fixed for the life of the model.
     gen = torch.Generator().manual_seed(seed)
     text = torch.randn(1, TEXT_TOKENS, denoise["cross_attention_dim"], generator=gen)
     return RigFaceComponents(model, _frozen(vae), text, _noise_scheduler(SD15_SCHEDULER, cfg), cfg)
+
+
+def _random_vae(cfg: ModelConfig, seed: int) -> AutoencoderKL:
+    # Seeded on its own, so build_vae gives the same VAE as build_rigface without building the UNets.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return AutoencoderKL.from_config(VAES[cfg.preset])
+
+
+def build_vae(cfg: ModelConfig, seed: int = 0) -> AutoencoderKL:
+    """The frozen VAE that ``build_rigface(cfg, seed)`` would hold, alone (for `rigface latents`)."""
+    if cfg.pretrained:
+        with local_folder(cfg.pretrained, subfolders=("vae",)) as root:
+            return _frozen(AutoencoderKL.from_pretrained(root, subfolder="vae"))
+    return _frozen(_random_vae(cfg, seed))
 
 
 def _noise_scheduler(base: dict, cfg: ModelConfig) -> DDPMScheduler:
