@@ -124,7 +124,8 @@ def pipeline_edit_fn(pipeline, steps: int, seed: int) -> EditFn:
     import torch
 
     def edit(samples: list[Any]) -> list[np.ndarray]:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        # one generator per edit: an edit does not depend on the batch it lands in
+        gen = [torch.Generator(device="cpu").manual_seed(seed) for _ in samples]
         out = pipeline(
             source=[s.source for s in samples], background=[s.background for s in samples],
             render=[s.render for s in samples],
@@ -177,6 +178,7 @@ class EditScoreActor:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         ev = cfg.evaluate  # fp32 and the model's own sampler unless the config opts out
         pipe = load_rigface(model, device=device, dtype=ev.torch_dtype(), scheduler=ev.scheduler)
+        pipe.optimize_for_speed(channels_last=ev.channels_last and device == "cuda", compile=ev.compile)
         self.edit_fn = pipeline_edit_fn(pipe, steps, seed)
         self.scorer = PairScorer.build(lpips_net=cfg.evaluate.lpips_net, face_cfg=cfg.face, device=device)
         self.save_url = save_url

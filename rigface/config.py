@@ -187,6 +187,8 @@ class EvaluateConfig(_Section):
     scheduler: str | None = Field(None, pattern=r"^[A-Za-z0-9]+Scheduler$")
     max_retries: int = Field(2, ge=0, description="Ray retries of a lost read task")
     max_actor_restarts: int = Field(3, ge=0, description="restarts of a lost editing actor (and of its batch)")
+    channels_last: bool = Field(True, description="channels-last weights for editing on GPUs")
+    compile: bool = Field(False, description="torch.compile the Denoising UNet for editing (slow first call)")
     stall_timeout_s: float = Field(1800.0, gt=0.0, description="the job fails when no stage progresses this long")
 
     def torch_dtype(self):
