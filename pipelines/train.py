@@ -270,7 +270,10 @@ def train_func(config: dict[str, Any]) -> None:
                              {"step": step, "epoch": epoch, **({"loss": loss_sum / tc.grad_accum} if not skipped else {})})
             last_ckpt_step = step
 
-    final = strategy.unsharded_copy(strategy.full_model_state()) if strategy.name == "fsdp" else model
+    final = model
+    if strategy.name == "fsdp":  # every rank gathers; rank 0 alone gets (and saves) the full weights
+        full_state = strategy.full_model_state()
+        final = strategy.unsharded_copy(full_state) if tracker is not None else None
     if tracker is not None:
         tracker.metrics.flush()
         tracker.log_final_model(components, final, ema, tc.register_model)
