@@ -177,7 +177,7 @@ class EditScoreActor:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         ev = cfg.evaluate  # fp32 and the model's own sampler unless the config opts out
-        pipe = load_rigface(model, device=device, dtype=ev.torch_dtype(), scheduler=ev.scheduler)
+        pipe = load_rigface(model, device=device, dtype=ev.torch_dtype(), scheduler=ev.scheduler, model_cfg=cfg.model)
         pipe.optimize_for_speed(channels_last=ev.channels_last and device == "cuda", compile=ev.compile)
         self.edit_fn = pipeline_edit_fn(pipe, steps, seed)
         self.scorer = PairScorer.build(lpips_net=cfg.evaluate.lpips_net, face_cfg=cfg.face, device=device)

@@ -80,7 +80,8 @@ class PortraitEditor:
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ev = cfg.evaluate  # fp32 and the model's own sampler unless the config opts out
-        return cls(load_rigface(model, device=device, dtype=ev.torch_dtype(), scheduler=ev.scheduler), cfg, analyzer)
+        pipe = load_rigface(model, device=device, dtype=ev.torch_dtype(), scheduler=ev.scheduler, model_cfg=cfg.model)
+        return cls(pipe, cfg, analyzer)
 
     def _fit(self, image: np.ndarray, role: str):
         from rigface.face.types import FaceSkip

@@ -13,9 +13,10 @@ from typing import Iterator
 
 import torch
 
-from rigface.model.build import RigFaceComponents, download_folder
+from rigface.model.build import RigFaceComponents, build_rigface, download_folder
+from rigface.model.config import ModelConfig
 from rigface.model.pipeline import RigFacePipeline
-from rigface.model.released import CheckpointError
+from rigface.model.released import CheckpointError, is_released_folder
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +54,25 @@ def save_rigface(model: RigFaceComponents | RigFacePipeline, path: str) -> str:
 
 
 def load_rigface(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 scheduler: str | None = None) -> RigFacePipeline:
+                 scheduler: str | None = None, model_cfg: ModelConfig | None = None) -> RigFacePipeline:
     """The RigFacePipeline saved at ``uri``: a local folder, an s3:// prefix, or an MLflow URI (``models:/name/1``,
     ``runs:/ID/model``). Loads in the saved dtype (fp32) unless ``dtype`` is given, with the saved scheduler unless
-    ``scheduler`` names another diffusers scheduler class (built from the saved scheduler's config)."""
-    with model_folder(uri) as local:
-        if not (Path(local) / INDEX).is_file():
-            raise CheckpointError(f"{uri} is not a RigFace model folder (no {INDEX})")
-        try:
-            pipe = RigFacePipeline.from_pretrained(local, torch_dtype=dtype)
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{uri}: not a loadable RigFace model: {exc}") from exc
+    ``scheduler`` names another diffusers scheduler class (built from the saved scheduler's config).
+
+    ``uri`` may also be the authors' release (``unet_denoise/`` + ``unet_id/``, local or s3://): it holds only the
+    two UNets, so it is built on ``model_cfg`` (its ``pretrained`` SD-1.5 folder, ``expression_dim`` ...) with the
+    authors' sampler, as ``model.released`` would for training."""
+    if not uri.startswith(MLFLOW_SCHEMES) and is_released_folder(uri):
+        pipe = _released_pipeline(uri, model_cfg)
+    else:
+        with model_folder(uri) as local:
+            if not (Path(local) / INDEX).is_file():
+                raise CheckpointError(f"{uri} is not a RigFace model folder (no {INDEX}) nor the authors' release "
+                                      "(unet_denoise/ + unet_id/)")
+            try:
+                pipe = RigFacePipeline.from_pretrained(local, torch_dtype=dtype)
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"{uri}: not a loadable RigFace model: {exc}") from exc
     pipe.vae.requires_grad_(False)
     pipe.model.eval()
     pipe.vae.eval()
@@ -75,7 +84,16 @@ def load_rigface(uri: str, device: str | torch.device = "cpu", dtype: torch.dtyp
         if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
             raise CheckpointError(f"{scheduler!r} is not a diffusers scheduler class")
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
-    return pipe.to(device)
+    return pipe.to(device) if dtype is None else pipe.to(device, dtype)
+
+
+def _released_pipeline(uri: str, model_cfg: ModelConfig | None) -> RigFacePipeline:
+    if model_cfg is None or not model_cfg.pretrained:
+        raise CheckpointError(
+            f"{uri} is the authors' release (unet_denoise/ + unet_id/): it needs model.pretrained (the Stable "
+            "Diffusion 1.5 folder) for the VAE, the text encoder and the UNet shapes")
+    cfg = ModelConfig.model_validate({**model_cfg.model_dump(), "released": uri})
+    return RigFacePipeline.from_components(build_rigface(cfg))
 
 
 @contextmanager

@@ -96,6 +96,19 @@ def read_released(uri: str, checkpoint: str | None = None) -> dict[str, dict[str
     return parts
 
 
+def is_released_folder(uri: str) -> bool:
+    """Whether ``uri`` (local folder or s3:// prefix) is laid out as the authors' release: both part folders, and
+    no pipeline index (a saved RigFace model is never mistaken for one)."""
+    if not uri.startswith("s3://"):
+        root = Path(uri)
+        return not (root / "model_index.json").exists() and all((root / p).is_dir() for p in RELEASED_PARTS)
+    from rigface.data import storage
+
+    if storage.exists(storage.join(uri, "model_index.json")):
+        return False
+    return all(storage.list_urls(storage.join(uri, part) + "/", suffix=".safetensors") for part in RELEASED_PARTS)
+
+
 def map_released_state(parts: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for part, state in parts.items():

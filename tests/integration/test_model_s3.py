@@ -61,6 +61,10 @@ def test_released_layout_loads_from_s3(stack, s3_prefix, tmp_path, private_tmp):
     from_disk = build_rigface(cfg.model_copy(update={"released": str(release)}))
     _same_weights(from_s3.model, from_disk.model)
     assert torch.equal(from_s3.model.expression_proj.weight, newest["unet_denoise"]["au_aug_mlp.weight"])
+    # What `rigface edit --model s3://.../rigface-release` loads: the release on top of model.pretrained.
+    pipe = load_rigface(url, model_cfg=cfg)
+    _same_weights(pipe.model, from_disk.model)
+    assert not pipe.model.training
     assert list(private_tmp.iterdir()) == [], "the downloaded release is removed once loaded"
 
 

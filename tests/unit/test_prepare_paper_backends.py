@@ -54,15 +54,15 @@ def _light(state: dict) -> dict:
     return {k: torch.zeros(1, dtype=v.dtype).expand(v.shape) if v.dim() else v.clone() for k, v in state.items()}
 
 
-@pytest.fixture(scope="module")
-def paper_weights(tmp_path_factory):
-    """A weights folder as the paper's, every file in its published format (small random or zero weights)."""
+def write_paper_weights(root: Path, image: np.ndarray, det_size: int) -> dict:
+    """A weights folder as the paper's, every file in its published format (small random or zero weights); the
+    detector fires where YuNet finds the face in ``image`` (as SCRFD at ``det_size`` would see it). The Deep3D file
+    regresses the expression ``exp`` (coefficients 80:144) whatever the input."""
     from rigface.face.backends.bisenet import BiSeNet
     from rigface.face.backends.deca import DecaEncoder
     from rigface.face.backends.deep3d import FACE_ADAPTER, ReconNet
     from rigface.face.detect import YuNetDetector
 
-    root = tmp_path_factory.mktemp("paper_weights")
     torch.manual_seed(0)
     d3d = _light(ReconNet(FACE_ADAPTER).state_dict())
     exp = torch.linspace(-1, 1, 64)
@@ -75,21 +75,28 @@ def paper_weights(tmp_path_factory):
     torch.save({"E_flame": deca, "E_detail": {}, "D_detail": {}}, root / "deca_model.tar")
     write_deca_assets(root)
     torch.save(BiSeNet().state_dict(), root / "79999_iter.pth")
-    # The detector: SCRFD's layout, firing where YuNet finds the astronaut in the clips' first frame.
-    det = YuNetDetector().detect(media.scene(SIZE, scale=1.0))[0]
-    x0, y0, x1, y1 = det.box
+    # The detector: SCRFD's layout, firing where YuNet finds the face, in SCRFD's letterboxed input pixels.
+    h, w = image.shape[:2]
+    scale = (det_size / h if h >= w else int(det_size * h / w) / h)
+    det = YuNetDetector().detect(image)[0]
+    x0, y0, x1, y1 = np.asarray(det.box) * scale
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     cell = (int(cx // STRIDE), int(cy // STRIDE))
     anchor = np.array(cell) * STRIDE
     dist = np.array([anchor[0] - x0, anchor[1] - y0, x1 - anchor[0], y1 - anchor[1]]) / STRIDE
-    kps = (det.keypoints - anchor) / STRIDE
+    kps = (det.keypoints * scale - anchor) / STRIDE
     (root / "antelopev2").mkdir()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(FixedSCRFD(SIZE, cell, dist, kps).eval(), (torch.zeros(1, 3, SIZE, SIZE),),
+        torch.onnx.export(FixedSCRFD(det_size, cell, dist, kps).eval(), (torch.zeros(1, 3, det_size, det_size),),
                           str(root / "antelopev2" / "scrfd_10g_bnkps.onnx"), dynamo=False, input_names=["input.1"],
                           output_names=[f"out{i}" for i in range(9)])
-    return {"root": root, "exp": exp.numpy()}
+    return {"root": root, "exp": exp.numpy(), "box": tuple(float(v) for v in det.box)}
+
+
+@pytest.fixture(scope="module")
+def paper_weights(tmp_path_factory):
+    return write_paper_weights(tmp_path_factory.mktemp("paper_weights"), media.scene(SIZE, scale=1.0), SIZE)
 
 
 @pytest.fixture(scope="module")
