@@ -117,9 +117,9 @@ def upload_videos(paths: Sequence[Path], prefix_url: str, val_videos: int) -> st
 
 def check_shards(shards_url: str, preview_path: Path) -> dict[str, Any]:
     from rigface.data.preview import preview_png
-    from rigface.data.shards import iter_samples, validate_shards
+    from rigface.data.dataset import iter_samples, validate
 
-    report = validate_shards(shards_url)
+    report = validate(shards_url)
     if not report.ok:
         raise DemoError(f"shards under {shards_url} do not validate: {report.faults[:5]}")
     preview_path.write_bytes(preview_png(iter_samples(shards_url), rows=8, tile=96))

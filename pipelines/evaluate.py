@@ -42,25 +42,28 @@ class EvaluateError(RuntimeError):
 
 
 def val_shards(data: str, split: str = "val") -> list[str]:
-    """The committed shards of ``split`` under a dataset URL (or one .tar URL). Shards without a stats marker
-    are unfinished writes and left out, unless no shard has one (hand-made sets)."""
-    from rigface.data import shards
+    """The committed, non-empty shards of ``split`` under a dataset URL (or one .tar URL)."""
+    from rigface.data.dataset import Dataset
 
     if data.endswith(".tar"):
         return [data]
-    tars = shards.list_shards(data, split)
-    done = [u for u in tars if shards.is_done(u)]
-    return sorted(done or tars)
+    return [s.url for s in Dataset(data).shards(split) if s.samples != 0]
 
 
-def read_shard_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ray flat_map: one shard URL -> its raw samples (key + member bytes). An unreadable shard is one skip row."""
-    from rigface.data.shards import ShardError, read_shard
+def read_shard_rows(row: dict[str, Any], limits=None) -> list[dict[str, Any]]:
+    """Ray flat_map: one shard URL -> its raw samples (key + member bytes) through the dataset's one reader.
+    A sample over the size limits is a skip row; an unreadable shard is one skip row."""
+    from rigface.data.dataset import read_shard
+    from rigface.data.shards import SKIP, ShardError
 
     url = row["shard"]
     out = []
     try:
-        for raw in read_shard(url):
+        for raw in read_shard(url, limits):
+            if raw.get(SKIP):
+                log.warning("evaluate: skipping sample %s: %s", raw["__key__"], raw[SKIP])
+                out.append({"key": raw["__key__"], "error": "oversize_sample", **{m: b"" for m in MEMBER_COLUMNS}})
+                continue
             members = {k.lstrip("."): v for k, v in raw.items() if not k.startswith("__")}
             out.append({"key": raw["__key__"], "error": "",
                         **{m: members.get(m, b"") for m in MEMBER_COLUMNS}})
@@ -77,9 +80,12 @@ EditFn = Callable[[list[Any]], list[np.ndarray]]  # decoded PairSamples -> edite
 
 
 def edit_and_score(rows: Sequence[dict[str, Any]], edit_fn: EditFn, scorer: PairScorer,
-                   save_url: str | None = None) -> list[dict[str, Any]]:
+                   save_url: str | None = None, limits=None) -> list[dict[str, Any]]:
     """Decode, edit and score one batch of raw rows; one record per row, skips recorded."""
+    from rigface.data.dataset import ReadLimits
     from rigface.data.schema import SchemaError, decode_sample
+
+    limits = limits or ReadLimits()
 
     records: list[dict[str, Any]] = []
     samples = []
@@ -88,7 +94,8 @@ def edit_and_score(rows: Sequence[dict[str, Any]], edit_fn: EditFn, scorer: Pair
             records.append(_skip_record(row["key"], row["error"]))
             continue
         try:
-            samples.append(decode_sample({"__key__": row["key"], **{m: row[m] for m in MEMBER_COLUMNS}}))
+            samples.append(decode_sample({"__key__": row["key"], **{m: row[m] for m in MEMBER_COLUMNS}},
+                                         limits.decode))
         except SchemaError as exc:
             log.warning("evaluate: undecodable sample %s: %s", row["key"], exc)
             records.append(_skip_record(row["key"], "bad_sample"))
@@ -174,6 +181,7 @@ class EditScoreActor:
         import torch
 
         from rigface.model import load_rigface
+        from rigface.data.dataset import ReadLimits
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         ev = cfg.evaluate  # fp32 and the model's own sampler unless the config opts out
@@ -182,11 +190,12 @@ class EditScoreActor:
         self.edit_fn = pipeline_edit_fn(pipe, steps, seed)
         self.scorer = PairScorer.build(lpips_net=cfg.evaluate.lpips_net, face_cfg=cfg.face, device=device)
         self.save_url = save_url
+        self.limits = ReadLimits.from_config(cfg.reader)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = list(batch["key"])
         rows = [{c: batch[c][i] for c in ("key", "error", *MEMBER_COLUMNS)} for i in range(len(keys))]
-        return to_columns(edit_and_score(rows, self.edit_fn, self.scorer, self.save_url))
+        return to_columns(edit_and_score(rows, self.edit_fn, self.scorer, self.save_url, self.limits))
 
 
 # ---------------------------------------------------------------- the job
@@ -211,7 +220,10 @@ def run_evaluate(cfg: RigFaceConfig, *, data: str, model: str, out: str, mlflow_
     ensure_ray()
     bound_ray_data(ev.stall_timeout_s)  # every retry bounded (Ray's defaults are unlimited)
     ds = ray.data.from_items([{"shard": u} for u in urls], override_num_blocks=len(urls))
-    ds = ds.flat_map(read_shard_rows, num_cpus=0.25, max_retries=ev.max_retries)
+    from rigface.data.dataset import ReadLimits
+
+    ds = ds.flat_map(read_shard_rows, fn_kwargs={"limits": ReadLimits.from_config(cfg.reader)}, num_cpus=0.25,
+                     max_retries=ev.max_retries)
     if max_samples:
         ds = ds.limit(max_samples)
     # resources.gpus: on for an autoscaling cluster (GPU nodes may be at zero now); auto: GPUs present now.

@@ -67,7 +67,8 @@ class ShardLatentWriter:
         from pipelines.train_data import decode_for_training
         from rigface.data import latents as cache
         from rigface.data.schema import SchemaError
-        from rigface.data.shards import ShardError, read_shard
+        from rigface.data.dataset import ReadLimits, read_shard
+        from rigface.data.shards import SKIP, ShardError
         from rigface.model.training import cacheable_latents
 
         lc = self.cfg.latents
@@ -92,9 +93,12 @@ class ShardLatentWriter:
             pending.clear()
 
         try:
-            for raw in read_shard(url):
+            limits = ReadLimits.from_config(self.cfg.reader)
+            for raw in read_shard(url, limits):
                 try:
-                    pending.append(decode_for_training(raw, self.cfg.model.resolution))
+                    if raw.get(SKIP):
+                        raise SchemaError(raw[SKIP])
+                    pending.append(decode_for_training(raw, self.cfg.model.resolution, limits))
                 except SchemaError as exc:
                     skipped += 1
                     log.warning("latents: %s: sample skipped: %s", url, exc)
@@ -119,12 +123,13 @@ def run_latents(cfg: RigFaceConfig, *, data: str | None = None) -> LatentsResult
     import ray
 
     from pipelines.train_data import TrainDataError, list_shards
+    from rigface.data.dataset import ReadLimits
 
     url = data or cfg.latents.data or cfg.train.data
     if not url:
         raise LatentsError("no data: pass --data URL or set latents.data")
     try:
-        shards = list_shards(url)
+        shards = [u for u, _ in list_shards(url, ReadLimits.from_config(cfg.reader))]
     except (TrainDataError, OSError) as exc:
         raise LatentsError(f"no shards under {url}: {exc}") from exc
     lc = cfg.latents

@@ -2,15 +2,16 @@
 
 Stages::
 
-    list + sampled content hash (driver threads)  ->  plan (driver: de-duplicate, split by video, assign
-    videos to shards, drop shards already done)  ->  decode + sample pairs (CPU tasks)  ->  face analysis
-    (autoscaling actor pool sized by pipelines.resources, one FaceAnalyzer per actor, fractional CPUs / GPUs)
-    ->  pair conditions + encode (CPU tasks)  ->
+    lease on the output  ->  list + sampled content hash (driver threads)  ->  plan (rigface.data.dataset:
+    de-duplicate, split by video, assign videos to shards; committed before any shard, compared on a rerun)  ->
+    decode + sample pairs (CPU tasks)  ->  face analysis (autoscaling actor pool sized by pipelines.resources,
+    one FaceAnalyzer per actor, fractional CPUs / GPUs)  ->  pair conditions + encode (CPU tasks)  ->
     shard assembly and write (driver streams the ordered output, a thread pool writes each shard, then its
     stats file)  ->  index + dataset card.
 
-The shard is the unit of work and of retry: videos go to shards by their sorted content hash, so a rerun plans
-the same shards and skips every shard whose stats file exists. Memory stays bounded: Ray Data streams with
+The shard is the unit of work and of retry: videos go to shards by their sorted content hash and the plan is
+committed first, so a rerun resumes exactly that plan, skipping every shard whose stats file exists, and a
+changed listing or config is refused (``--append`` plans new videos as the next version). Memory stays bounded: Ray Data streams with
 backpressure and the driver holds at most the shards still being assembled (output order is preserved, so
 that is about one shard).
 """
@@ -27,7 +28,6 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -37,11 +37,13 @@ from pipelines.ray_env import bound_ray_data, ensure_ray
 from pipelines.resources import face_pool
 from rigface import __version__
 from rigface.config import RigFaceConfig
-from rigface.data import shards as shardio
 from rigface.data import sources, storage
+from rigface.data.dataset import (
+    Dataset, DatasetError, ReadLimits, finish_version, plan_differences, plan_record, plan_shards, sample_config,
+)
 from rigface.data.sampling import (face_spans, frames_of, max_pairs, min_gap_frames, probe_indices, replace_failed,
                                    sample_distant_pairs, sample_pairs_among)
-from rigface.data.schema import PairSample, encode_sample, pack_sample, safe_video_id, sample_key
+from rigface.data.schema import PairSample, encode_sample, pack_sample, sample_key
 from rigface.data.video import Video, VideoError
 from rigface.face.config import FaceConfig
 
@@ -373,62 +375,6 @@ def to_pair_sample(row: dict[str, Any], a: int, b: int, src, tgt, cond, fps: flo
     )
 
 
-# ---------------------------------------------------------------- planning (driver)
-
-
-@dataclass
-class Plan:
-    version: int
-    shards: dict[str, list[dict[str, Any]]]      # shard URL -> its videos (sorted)
-    duplicates: list[dict[str, Any]]
-    unreadable: list[dict[str, Any]]
-    previous: dict[str, Any] | None
-    listed: int
-
-
-def plan_shards(videos: Iterable[dict[str, Any]], *, output: str, version: int, videos_per_shard: int,
-                val_fraction: float, seed: int, known: set[str],
-                full_hash: Callable[[str], str] | None = None) -> tuple[dict[str, list[dict]], list[dict]]:
-    """Deterministic assignment of videos to shards: per split, by sorted content hash, fixed-size groups.
-
-    Identities are sampled hashes; two videos of this listing that share one are compared by `full_hash`
-    (sources.full_content_hash) before one is dropped as a duplicate, and a different one keeps its full hash
-    as its identity. Identities from earlier versions (`known`) are trusted as they are.
-    """
-    by_split: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    seen = set(known)
-    first_url: dict[str, str] = {}
-    ids: set[str] = set()
-    dups = []
-    for v in sorted(videos, key=lambda r: (r["content_hash"], r["url"])):
-        h = v["content_hash"]
-        if h in first_url and full_hash is not None and full_hash(first_url[h]) != full_hash(v["url"]):
-            v["content_hash"] = h = full_hash(v["url"])  # same samples, other bytes: a different video
-        if h in seen:
-            dups.append(v)
-            continue
-        seen.add(h)
-        first_url[h] = v["url"]
-        vid = sources.derive_video_id(sources.VideoRef(
-            url=v["url"], name=v["name"], source=v["source"], video_id=v.get("video_id") or None), v["content_hash"])
-        if vid in ids:  # two manifest rows naming one id: the content hash keeps their samples apart
-            vid = safe_video_id(vid, v["content_hash"])
-        ids.add(vid)
-        v["video_id"] = vid
-        v["split"] = v.get("split") or sources.assign_split(v["content_hash"], val_fraction, seed)
-        by_split[v["split"]].append(v)
-    out: dict[str, list[dict[str, Any]]] = {}
-    for split in sorted(by_split):
-        group = by_split[split]
-        for i in range(0, len(group), videos_per_shard):
-            url = storage.join(output, shardio.shard_name(split, version, i // videos_per_shard))
-            members = group[i: i + videos_per_shard]
-            for m in members:
-                m["shard"] = url
-            out[url] = members
-    return out, dups
-
-
 # ---------------------------------------------------------------- the job
 
 
@@ -440,71 +386,108 @@ def run_prepare(cfg: RigFaceConfig, *, source: str | Iterable[str] | None = None
     ``backend_factory(face_cfg)`` replaces the default face backend (rigface.face FaceAnalyzer +
     build_conditions); it must return an object with ``analyze(rgb)`` and ``conditions(src_fit, tgt_fit)``.
     """
-    import ray
-
     t_start = time.monotonic()
     p = cfg.prepare
     srcs = [source] if isinstance(source, str) else list(source or ([p.source] if p.source else []))
     output = output or p.output
     if not srcs or not output:
         raise PrepareError("prepare needs a source and an output (--source, --output or prepare.source/output)")
-    output = output.rstrip("/")
     if overwrite and append:
         raise PrepareError("--overwrite and --append exclude each other")
+    ds = Dataset(output, ReadLimits.from_config(cfg.reader))
+    if overwrite:
+        try:
+            ds.refuse_root()  # before the lease: nothing is ever written to a bucket root
+        except DatasetError as exc:
+            raise PrepareError(str(exc)) from exc
     ensure_ray()
-    _ensure_bucket(output)
+    _ensure_bucket(ds.url)
+    owner = f"rigface prepare {' '.join(srcs)}"
+    try:
+        with ds.lease(owner, ttl_s=p.lease_seconds) as lease:
+            return _prepare_locked(cfg, ds, lease, srcs, overwrite, append, backend_factory, t_start)
+    except DatasetError as exc:
+        raise PrepareError(str(exc)) from exc
 
-    card = shardio.read_card(output)
-    if overwrite and (card is not None or storage.list_urls(output)):
-        log.warning("prepare: --overwrite: deleting the existing dataset", extra={"output": output})
-        storage.delete_prefix(output if output.startswith("s3://") else output + "/")
-        card = None
-    known: set[str] = set()
-    if card is None:
-        version = 1
+
+def _prepare_locked(cfg: RigFaceConfig, ds: Dataset, lease, srcs: list[str], overwrite: bool, append: bool,
+                    backend_factory, t_start: float) -> PrepareSummary:
+    p = cfg.prepare
+    if overwrite:
+        n = ds.delete()
+        log.warning("prepare: --overwrite: deleted the existing dataset", extra={"output": ds.url, "objects": n})
+    versions = ds.plan_versions()
+    card = ds.read_card()
+    if card is not None and not versions:
+        raise PrepareError(f"{ds.url} holds a dataset without plans (written by an older rigface): "
+                           "use --overwrite to rebuild it")
+    if not versions:
+        version, known = 1, set()
     elif append:
-        version = int(card["latest"]) + 1
-        known = shardio.known_hashes(output, card)
+        latest = versions[-1]
+        if card is None or int(card.get("latest", 0)) < latest:
+            raise PrepareError(f"version {latest} of {ds.url} is unfinished: rerun it (without --append) first")
+        version, known = latest + 1, ds.planned_hashes()
     else:
-        prev_sources = [s["source"] for s in card["versions"][-1]["sources"]]
-        if sorted(prev_sources) != sorted(srcs):
-            raise PrepareError(f"{output} already holds a dataset (sources {prev_sources}); use --append to add "
-                               f"{srcs} or --overwrite to start again")
-        version = int(card["latest"])
-        known = set().union(*[{r["content_hash"] for r in shardio.read_index(output, int(v["version"]))}
-                              for v in card["versions"][:-1]]) if len(card["versions"]) > 1 else set()
+        version = versions[-1]
+        known = ds.planned_hashes(below=version)
 
     n_pairs = min(p.pairs_per_video, p.max_pairs_per_video)
     spare = max(2, math.ceil(n_pairs / 2))
     videos_per_shard = max(1, p.shard_size // n_pairs)
-    summary = PrepareSummary(output=output, version=version, sources=srcs)
+    summary = PrepareSummary(output=ds.url, version=version, sources=srcs)
+    sample_cfg = sample_config(p.model_dump(mode="json"), cfg.face.model_dump(mode="json"))
 
-    # -- list + sampled content hash (driver threads; one row per video, metadata only)
+    # -- list + sampled content hash (driver threads; one row per video, metadata only), then the plan, committed first
     t0 = time.monotonic()
     refs = [dict(r.to_dict(), video_id=r.video_id or "") for s in srcs for r in sources.list_videos(s)]
     summary.videos_listed = len(refs)
     bound_ray_data(p.stall_timeout_s)
     hashed = hash_videos(refs, max_bytes=p.max_video_bytes)
     unreadable = [r for r in hashed if r["error"]]
-    plan, dups = plan_shards([r for r in hashed if not r["error"]], output=output, version=version,
+    plan, dups = plan_shards(ds, [r for r in hashed if not r["error"]], version=version,
                              videos_per_shard=videos_per_shard, val_fraction=p.val_fraction, seed=p.seed, known=known,
                              full_hash=functools.lru_cache(maxsize=None)(sources.full_content_hash))
+    record = plan_record(ds, version, srcs, plan, dups, unreadable, sample_cfg)
+    committed = ds.read_plan(version)
+    if committed is None:
+        ds.commit_plan(record)
+    else:
+        why = plan_differences(committed, record)
+        if why:
+            raise PrepareError(f"{ds.url} version {version} was planned differently: {'; '.join(why)}. Rerun with "
+                               "the same source and settings to resume it, --append to add new videos as version "
+                               f"{version + 1}, or --overwrite to start again")
     summary.videos_duplicate = len(dups)
     summary.videos_planned = sum(len(v) for v in plan.values())
     summary.shards_planned = len(plan)
     summary.stage_seconds["list_hash_plan"] = time.monotonic() - t0
-    pending = {url: vids for url, vids in plan.items() if not shardio.is_done(url)}
+    pending = {url: vids for url, vids in plan.items() if not ds.is_committed(url)}
     summary.shards_resumed = len(plan) - len(pending)
     log.info("prepare: plan", extra={"shards": len(plan), "pending": len(pending), "videos": summary.videos_planned})
 
     t0 = time.monotonic()
     if pending:
-        _run_stages(cfg, pending, n_pairs, spare, backend_factory, summary)
+        _run_stages(cfg, ds, lease, pending, n_pairs, spare, backend_factory, summary)
     summary.stage_seconds["stream"] = time.monotonic() - t0
 
     # -- index + card (after every shard is committed)
     t0 = time.monotonic()
-    _finish(cfg, output, version, srcs, plan, unreadable, dups, card, summary)
+    lease.check()
+    src_of = {v["content_hash"]: v["source"] for vids in plan.values() for v in vids}
+    new_card = finish_version(ds, version=version, sources=srcs, shard_urls=plan, src_of=src_of,
+                              unreadable=unreadable, dups=dups,
+                              config=cfg.prepare.model_dump(mode="json") | {"face": cfg.face.model_dump(mode="json")},
+                              code_version=__version__)
+    entry = new_card["versions"][-1]
+    summary.pairs = entry["totals"]["pairs"]
+    summary.videos_ok = entry["totals"]["videos_ok"]
+    summary.frames_analyzed = entry["totals"]["frames_analyzed"]
+    summary.per_split = entry["totals"]["per_split"]
+    summary.video_skips = entry["totals"]["video_skips"]
+    summary.frame_skips = entry["totals"]["frame_skips"]
+    summary.content_hash = entry["content_hash"]
+    summary.shards_written = len(plan) - summary.shards_resumed
     summary.stage_seconds["card"] = time.monotonic() - t0
     summary.seconds = time.monotonic() - t_start
     return summary
@@ -516,7 +499,7 @@ def _ensure_bucket(output: str) -> None:
         storage.ensure_bucket(u.bucket)
 
 
-def _run_stages(cfg: RigFaceConfig, pending: dict[str, list[dict]], n_pairs: int, spare: int,
+def _run_stages(cfg: RigFaceConfig, out: Dataset, lease, pending: dict[str, list[dict]], n_pairs: int, spare: int,
                 backend_factory, summary: PrepareSummary) -> None:
     import ray
 
@@ -567,7 +550,7 @@ def _run_stages(cfg: RigFaceConfig, pending: dict[str, list[dict]], n_pairs: int
             buffers[url].setdefault(vid, {"report": json.loads(row["report"]), "keys": list(row["keys"]),
                                           "samples": list(row["samples"])})
             if set(buffers[url]) >= expected[url]:
-                futures.append(pool.submit(_busy_write, busy, url, buffers.pop(url)))
+                futures.append(pool.submit(_busy_write, busy, out, lease, url, buffers.pop(url)))
             for f in [f for f in futures if f.done()]:
                 futures.remove(f)
                 f.result()  # surface write errors early
@@ -597,10 +580,10 @@ def _busy(stage: str, fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[s
     return run
 
 
-def _busy_write(busy: Counter, url: str, videos: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _busy_write(busy: Counter, ds: Dataset, lease, url: str, videos: dict[str, dict[str, Any]]) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
-        return _write_one(url, videos)
+        return _write_one(ds, lease, url, videos)
     finally:
         busy["write"] += time.perf_counter() - t0  # Counter updates under the GIL; a rare lost add is harmless
 
@@ -615,15 +598,14 @@ def _probe_settings(cfg: RigFaceConfig) -> dict[str, Any] | None:
             "min_confidence": 0.8 * cfg.face.min_confidence, "min_face_size": 0.75 * cfg.face.min_face_size}
 
 
-def _write_one(url: str, videos: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _write_one(ds: Dataset, lease, url: str, videos: dict[str, dict[str, Any]]) -> dict[str, Any]:
     samples = []
     reports = []
     for vid in sorted(videos):
         v = videos[vid]
         reports.append(v["report"])
         samples.extend(zip(v["keys"], v["samples"]))
-    stats = shard_stats(reports)
-    return shardio.write_shard(url, samples, stats)
+    return ds.write_shard(url, samples, shard_stats(reports), lease=lease)
 
 
 def shard_stats(reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -667,74 +649,3 @@ def quality_summary(qualities: list[dict[str, Any]]) -> dict[str, dict[str, floa
             out[name] = {"count": int(vals.size), "mean": round(float(vals.mean()), 4),
                          **{k: round(float(v), 4) for k, v in zip(("min", "p10", "p50", "p90", "max"), p)}}
     return out
-
-
-def _finish(cfg: RigFaceConfig, output: str, version: int, srcs: list[str], plan: dict[str, list[dict]],
-            unreadable: list[dict], dups: list[dict], card: dict | None, summary: PrepareSummary) -> None:
-    stats = {url: shardio.read_stats(url) for url in plan}
-    index_rows = []
-    video_skips: Counter[str] = Counter()
-    frame_skips: Counter[str] = Counter()
-    per_source: dict[str, Counter] = defaultdict(Counter)
-    src_of = {v["content_hash"]: v["source"] for vids in plan.values() for v in vids}
-    for url, st in stats.items():
-        split = st.get("split", "")
-        summary.per_split[split] = summary.per_split.get(split, 0) + st["samples"]
-        if st["shard"] != url.rsplit("/", 1)[-1]:
-            raise PrepareError(f"stats file of {url} names another shard")
-        for r in st["video_reports"]:
-            index_rows.append({**r, "split": split, "shard": url.rsplit("/", 1)[-1]})
-            src = src_of.get(r["content_hash"], "")
-            per_source[src]["videos"] += 1
-            per_source[src]["pairs"] += r["pairs"]
-            per_source[src]["videos_ok"] += int(not r["status"])
-        video_skips.update(st["video_skips"])
-        frame_skips.update(st["frame_skips"])
-        summary.pairs += st["pairs"]
-        summary.videos_ok += st["videos_ok"]
-        summary.frames_analyzed += st["frames_analyzed"]
-    for r in unreadable:
-        reason = r.get("status") or "unreadable"  # unreadable, not_a_file, too_large
-        video_skips[reason] += 1
-        per_source[r["source"]][f"videos_{reason}"] += 1
-        index_rows.append({"video_id": "", "content_hash": "", "name": r["name"], "url": r["url"],
-                           "status": reason, "pairs": 0, "error": r["error"]})
-    for r in dups:
-        per_source[r["source"]]["videos_duplicate"] += 1
-    summary.video_skips = dict(sorted(video_skips.items()))
-    summary.frame_skips = dict(sorted(frame_skips.items()))
-    summary.shards_written = len(plan) - summary.shards_resumed
-
-    storage.write_text(shardio.index_url(output, version),
-                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in index_rows if r["content_hash"]))
-    prev_versions = [v for v in (card or {}).get("versions", []) if int(v["version"]) < version]
-    shard_entries = [{"path": url[len(output) + 1:], "sha256": st["sha256"], "samples": st["samples"],
-                      "split": st.get("split", "")} for url, st in sorted(stats.items())]
-    all_shards = [s for v in prev_versions for s in v["shards"]] + shard_entries
-    summary.content_hash = shardio.dataset_content_hash(all_shards)
-    entry = {
-        "version": version,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "code_version": __version__,
-        "config": cfg.prepare.model_dump(mode="json") | {"face": cfg.face.model_dump(mode="json")},
-        "sources": [{"source": s, **dict(per_source.get(s, {}))} for s in srcs],
-        "totals": {"videos": sum(st["videos"] for st in stats.values()), "videos_ok": summary.videos_ok,
-                   "pairs": summary.pairs, "shards": len(stats), "per_split": summary.per_split,
-                   "video_skips": summary.video_skips, "frame_skips": summary.frame_skips,
-                   "videos_duplicate": len(dups)},
-        "shards": shard_entries,
-        "index": shardio.index_url(output, version)[len(output) + 1:],
-        "content_hash": summary.content_hash,  # over every shard of versions 1..this one
-    }
-    totals = Counter()
-    for v in prev_versions + [entry]:
-        totals.update({k: v["totals"][k] for k in ("videos", "videos_ok", "pairs", "shards")})
-    new_card = {
-        "name": output.rsplit("/", 1)[-1],
-        "schema_version": shardio.SCHEMA_VERSION,
-        "latest": version,
-        "content_hash": summary.content_hash,
-        "totals": dict(totals),
-        "versions": prev_versions + [entry],
-    }
-    shardio.write_card(output, new_card)

@@ -64,9 +64,7 @@ def storage_location(cfg: RigFaceConfig) -> tuple[str, Any, str]:
             uri = str(Path(cfg.storage.state_dir, "runs").resolve())
     uri = uri.rstrip("/")
     if storage.parse_url(uri).scheme == "s3":
-        from rigface.data.shards import pyarrow_filesystem
-
-        fs, path = pyarrow_filesystem(uri)
+        fs, path = storage.pyarrow_filesystem(uri)
         return uri, fs, path
     Path(uri).mkdir(parents=True, exist_ok=True)
     return uri, None, uri
@@ -79,8 +77,8 @@ def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | No
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.train_data import list_shards, shards_for_split
-    from rigface.data.shards import read_card
+    from pipelines.train_data import TrainDataError, check_enough, list_shards, shards_for_split
+    from rigface.data.dataset import Dataset, ReadLimits
 
     updates = {k: v for k, v in {"data": data, "run_name": run_name, "max_steps": max_steps,
                                  "num_workers": num_workers}.items() if v is not None}
@@ -88,8 +86,9 @@ def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | No
     tc = cfg.train
     if not tc.data:
         raise TrainError("no training data: pass --data URL or set train.data")
+    limits = ReadLimits.from_config(cfg.reader)
     try:
-        all_shards = list_shards(tc.data)
+        all_shards = list_shards(tc.data, limits)
     except Exception as exc:  # noqa: BLE001 - a missing bucket/prefix is bad input, not a crash
         raise TrainError(f"cannot list shards under {tc.data}: {exc}") from exc
     train_shards = shards_for_split(all_shards, "train")
@@ -99,8 +98,13 @@ def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | No
         val_shards, val_split = train_shards, None
     if not train_shards:
         raise TrainError(f"no train shards under {tc.data}")
-    card = read_card(tc.data) or {}
-    latent_tags = sorted(_complete_latent_tags(tc.data, train_shards)) if tc.latent_cache else []
+    # Deterministic data faults stop here, before Ray Train (which would retry them max_failures times).
+    try:
+        check_enough(train_shards, world=tc.num_workers, batch_size=tc.batch_size)
+    except TrainDataError as exc:
+        raise TrainError(str(exc)) from exc
+    card = Dataset(tc.data).read_card() or {}
+    latent_tags = sorted(_complete_latent_tags(tc.data, [u for u, _ in train_shards])) if tc.latent_cache else []
     storage_uri, fs, storage_path = storage_location(cfg)
 
     mlflow_client = tracking.client(cfg.storage.mlflow_tracking_uri)
@@ -164,6 +168,7 @@ def train_func(config: dict[str, Any]) -> None:
 
     from pipelines.train_data import fixed_batch, infinite_batches
     from pipelines.train_strategy import Strategy, check_options, make_optimizer
+    from rigface.data.dataset import ReadLimits
     from rigface.model import build_rigface, training_step
 
     cfg = RigFaceConfig.model_validate(config["cfg"])
@@ -200,14 +205,14 @@ def train_func(config: dict[str, Any]) -> None:
     tracker = _RankZeroTracker(config["mlflow_run_id"], cfg) if rank == 0 else None
     if tracker is not None:
         tracker.client.set_tag(tracker.run_id, "rigface.latent_cache", latents_tag or "none")
+    limits = ReadLimits.from_config(cfg.reader)
     val_batch = fixed_batch(config["val_shards"], n=tc.val_batch_size, resolution=cfg.model.resolution,
-                           split=config["val_split"]) \
-        if rank == 0 else None
+                            split=config["val_split"], limits=limits) if rank == 0 else None
     batches = infinite_batches(config["train_shards"], start_epoch=epoch, rank=rank, world=world, seed=tc.seed,
                                batch_size=tc.batch_size, resolution=cfg.model.resolution,
                                loader_workers=tc.loader_workers, shuffle_buffer=tc.shuffle_buffer, split="train",
                                min_quality=tc.min_quality, quality_filters=tuple(tc.quality_filters),
-                               latents_tag=latents_tag)
+                               latents_tag=latents_tag, limits=limits)
     autocast = _autocast(device, tc.mixed_precision)
     generator = torch.Generator(device=device).manual_seed(tc.seed * 1000 + rank + step)
     fault = _FaultInjection.from_env(rank)

@@ -4,17 +4,17 @@ Why webdataset + a torch DataLoader rather than Ray Data: the shard is already t
 only needs its list of shard URLs; the DataLoader's background processes stream tars from S3, decode and
 batch them, with no extra Ray Data executor competing for CPUs beside the trainer (see bench/train.py).
 
-Per epoch the sorted shard list is shuffled with ``seed + epoch`` (the same order on every rank), then
-split: by shard (``urls[rank::world]``) when there are at least as many shards as ranks, else by sample
-(every rank reads every shard and keeps the samples ``i % world == rank``). Either way the ranks see
-disjoint data. Inside a rank the DataLoader workers split the rank's shards again (webdataset
+Each shard comes with its sample count (from its stats file); empty shards are left out, and the driver
+checks that there are at least ranks x batch samples before training starts. Per epoch the shard list is
+shuffled with ``seed + epoch`` (the same order on every rank), then split: by whole shards balanced by sample
+count when that gives every rank a full batch, else by sample (every rank reads every shard and keeps the
+samples ``i % world == rank``). Either way the ranks see disjoint data and none starves. Inside a rank the DataLoader workers split the rank's shards again (webdataset
 ``split_by_worker``) and shuffle samples in a seeded buffer. A shard that cannot be read, or a sample that
 does not decode, is skipped with a logged warning.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -27,9 +27,9 @@ import webdataset as wds
 from PIL import Image
 
 from rigface.data import latents as latent_cache
-from rigface.data import storage
+from rigface.data.dataset import Dataset, ReadLimits, count_samples, read_shard
 from rigface.data.schema import SchemaError, decode_sample
-from rigface.data.shards import register_webdataset_s3, stats_url
+from rigface.data.shards import SKIP, ShardError
 
 log = logging.getLogger(__name__)
 
@@ -39,54 +39,56 @@ LATENT_KEYS = tuple(LATENT_PREFIX + k for k in latent_cache.LATENT_KEYS)
 
 
 class TrainDataError(RuntimeError):
-    """No usable training data (no shards, or an epoch that yielded not a single batch)."""
-
-
-# webdataset has no s3:// handler: the data module registers one that streams through rigface.data.storage.
-register_webdataset_s3()
+    """Training data that cannot work (no shards, fewer samples than ranks x batch, an epoch without a batch).
+    Deterministic: retrying the same run on the same data fails the same way."""
 
 
 def warn_and_skip(exc: BaseException) -> bool:
-    """webdataset handler: log what was skipped (an unreadable shard or a bad sample) and go on."""
-    log.warning("train data: skipping unreadable shard data or sample: %s", exc)
+    """webdataset handler: log what was skipped (a sample that does not decode) and go on."""
+    log.warning("train data: skipping a sample: %s", exc)
     return True
 
 
 # ---------------------------------------------------------------- shard lists
 
+ShardRef = tuple[str, int]  # (URL, samples): what a worker is handed
 
-def list_shards(data_url: str) -> list[str]:
-    """The committed shards under ``data_url`` (sorted). A shard counts once its stats marker exists,
-    unless the set has no markers at all (shards written by hand), in which case every ``.tar`` counts."""
-    urls = storage.list_urls(data_url)
-    tars = [u for u in urls if u.endswith(".tar")]
-    markers = {u for u in urls if u.endswith(".stats.json")}
-    if markers:
-        done = [t for t in tars if stats_url(t) in markers]
-        if len(done) < len(tars):
-            log.warning("train data: %d shard(s) without a stats marker ignored (unfinished)", len(tars) - len(done))
-        tars = done
-    if not tars:
-        raise TrainDataError(f"no shards (*.tar) under {data_url}")
-    return sorted(tars)
+
+def list_shards(data_url: str, limits: ReadLimits | None = None) -> list[ShardRef]:
+    """The committed shards under ``data_url`` with their sample counts (from the stats files; a hand-made
+    set without stats files is counted by reading it), sorted; empty shards are left out."""
+    ds = Dataset(data_url, limits)
+    refs = []
+    for shard in ds.shards():
+        n = shard.samples if shard.samples is not None else count_samples(shard.url, ds.limits)
+        if n > 0:
+            refs.append((shard.url, n))
+    if not refs:
+        raise TrainDataError(f"no shards holding samples under {data_url}")
+    return sorted(refs)
 
 
 def split_name_of(url: str) -> str | None:
     """'train' / 'val' when the shard's path names its split (a folder or a name prefix), else None."""
-    parts = url.replace("\\", "/").split("/")
-    for part in reversed(parts):
-        for split in ("train", "val"):
-            if part == split or part.startswith((f"{split}-", f"{split}_", f"{split}.")):
-                return split
-    return None
+    from rigface.data.dataset import split_of
+
+    return split_of(url)
 
 
-def shards_for_split(urls: list[str], split: str) -> list[str]:
+def shards_for_split(refs: list[ShardRef], split: str) -> list[ShardRef]:
     """Shards whose path names ``split``; all of them when paths name no split (then meta.json decides)."""
-    named = [u for u in urls if split_name_of(u) is not None]
+    named = [r for r in refs if split_name_of(r[0]) is not None]
     if not named:
-        return list(urls)
-    return [u for u in urls if split_name_of(u) == split]
+        return list(refs)
+    return [r for r in refs if split_name_of(r[0]) == split]
+
+
+def check_enough(refs: list[ShardRef], *, world: int, batch_size: int) -> None:
+    """Before training starts: every rank must get at least one full batch per epoch."""
+    total = sum(n for _, n in refs)
+    if total < world * batch_size:
+        raise TrainDataError(f"{total} training sample(s) in {len(refs)} shard(s) cannot give {world} worker(s) a "
+                             f"batch of {batch_size} each: add data, or lower train.num_workers or train.batch_size")
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,24 @@ class RankPlan:
     sample_offset: int
 
 
-def plan_epoch(urls: list[str], *, rank: int, world: int, epoch: int, seed: int) -> RankPlan:
-    order = sorted(urls)
+def plan_epoch(refs: list[ShardRef], *, rank: int, world: int, epoch: int, seed: int,
+               batch_size: int = 1) -> RankPlan:
+    """Whole shards per rank, balanced by sample count (largest first, each to the rank holding the fewest),
+    when that gives every rank a full batch; otherwise every rank reads every shard and keeps every
+    ``world``-th sample, which splits the samples evenly whatever the shard sizes."""
+    order = sorted(refs)
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     if len(order) >= world:
-        return RankPlan(order[rank::world], 1, 0)
-    return RankPlan(order, world, rank)
+        loads = [0] * world
+        assigned: list[list[str]] = [[] for _ in range(world)]
+        for url, n in sorted(order, key=lambda r: -r[1]):  # stable: ties keep the epoch's shuffled order
+            r = min(range(world), key=lambda i: (loads[i], i))
+            loads[r] += n
+            assigned[r].append(url)
+        if min(loads) >= batch_size:
+            mine = set(assigned[rank])
+            return RankPlan([u for u, _ in order if u in mine], 1, 0)
+    return RankPlan([u for u, _ in order], world, rank)
 
 
 # ---------------------------------------------------------------- decoding
@@ -115,12 +129,12 @@ def _to_chw(image: np.ndarray, size: int) -> np.ndarray:
     return (image.astype(np.float32).transpose(2, 0, 1) / 127.5) - 1.0
 
 
-def decode_for_training(raw: Mapping[str, Any], resolution: int) -> dict[str, Any]:
+def decode_for_training(raw: Mapping[str, Any], resolution: int, limits: ReadLimits | None = None) -> dict[str, Any]:
     """A raw webdataset sample -> float CHW arrays in [-1, 1] at ``resolution`` + the expression vector; with
     cached latents attached (``__latents__``) the images are not decoded at all, only the expression."""
     if "__latents__" in raw:
         return _decode_with_latents(raw)
-    sample = decode_sample(raw)
+    sample = decode_sample(raw, (limits or ReadLimits()).decode)
     out: dict[str, Any] = {k: _to_chw(getattr(sample, k), resolution) for k in IMAGE_KEYS}
     out["expression"] = np.asarray(sample.expression, dtype=np.float32).reshape(-1)
     out["__key__"] = sample.key
@@ -204,9 +218,25 @@ def _quality_ok(data: Iterator[Mapping[str, Any]], keep) -> Iterator[Mapping[str
             yield raw
 
 
+def _read_shards(data: Iterator[Mapping[str, Any]], limits: ReadLimits) -> Iterator[dict[str, Any]]:
+    """Shard URLs -> raw samples through the dataset's one reader (size limits, name checks, resumed reads).
+    A sample over the limits and a shard that cannot be read are logged skips."""
+    for item in data:
+        url = item["url"]
+        try:
+            for raw in read_shard(url, limits):
+                if raw.get(SKIP):
+                    log.warning("train data: skipping sample %s: %s", raw["__key__"], raw[SKIP])
+                    continue
+                yield raw
+        except (ShardError, OSError) as exc:
+            log.warning("train data: skipping the rest of shard %s: %s", url, exc)
+
+
 def build_pipeline(plan: RankPlan, *, batch_size: int, resolution: int, split: str | None = "train",
                    shuffle_buffer: int = 256, seed: int = 0, min_quality: float | None = None,
-                   quality_filters: tuple[str, ...] = (), latents_tag: str | None = None) -> wds.DataPipeline:
+                   quality_filters: tuple[str, ...] = (), latents_tag: str | None = None,
+                   limits: ReadLimits | None = None) -> wds.DataPipeline:
     """The webdataset pipeline of one rank for one epoch: shards -> samples -> decoded -> batches. With
     ``latents_tag`` the samples carry the shard sidecars' latents instead of decoded images.
 
@@ -215,11 +245,11 @@ def build_pipeline(plan: RankPlan, *, batch_size: int, resolution: int, split: s
     from rigface.data.quality import make_predicate
 
     keep = make_predicate(min_quality, quality_filters)
-    register_webdataset_s3()
+    limits = limits or ReadLimits()
     stages: list[Any] = [
         wds.SimpleShardList(plan.urls),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=warn_and_skip),
+        wds.pipelinefilter(_read_shards)(limits),
     ]
     if latents_tag is not None:
         stages.append(wds.pipelinefilter(attach_latents)(latents_tag))
@@ -231,22 +261,22 @@ def build_pipeline(plan: RankPlan, *, batch_size: int, resolution: int, split: s
     if shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 16), seed=seed))
     stages += [
-        wds.map(lambda raw: decode_for_training(raw, resolution), handler=warn_and_skip),
+        wds.map(lambda raw: decode_for_training(raw, resolution, limits), handler=warn_and_skip),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     ]
     return wds.DataPipeline(*stages)
 
 
-def epoch_loader(urls: list[str], *, rank: int, world: int, epoch: int, seed: int, batch_size: int,
-                 resolution: int, loader_workers: int, shuffle_buffer: int,
-                 split: str | None = "train", min_quality: float | None = None,
-                 quality_filters: tuple[str, ...] = (), latents_tag: str | None = None) -> torch.utils.data.DataLoader:
+def epoch_loader(refs: list[ShardRef], *, rank: int, world: int, epoch: int, seed: int, batch_size: int,
+                 resolution: int, loader_workers: int, shuffle_buffer: int, split: str | None = "train",
+                 min_quality: float | None = None, quality_filters: tuple[str, ...] = (),
+                 latents_tag: str | None = None, limits: ReadLimits | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over this rank's part of one epoch; decoding and batching run in background workers."""
-    plan = plan_epoch(urls, rank=rank, world=world, epoch=epoch, seed=seed)
+    plan = plan_epoch(refs, rank=rank, world=world, epoch=epoch, seed=seed, batch_size=batch_size)
     pipeline = build_pipeline(plan, batch_size=batch_size, resolution=resolution, split=split,
                               shuffle_buffer=shuffle_buffer, seed=seed * 7919 + epoch * 104_729 + rank,
                               min_quality=min_quality, quality_filters=tuple(quality_filters),
-                              latents_tag=latents_tag)
+                              latents_tag=latents_tag, limits=limits)
     kwargs: dict[str, Any] = {}
     if loader_workers > 0:
         kwargs.update(prefetch_factor=2, persistent_workers=False)
@@ -254,27 +284,29 @@ def epoch_loader(urls: list[str], *, rank: int, world: int, epoch: int, seed: in
                                        pin_memory=torch.cuda.is_available(), **kwargs)
 
 
-def infinite_batches(urls: list[str], *, start_epoch: int = 0, **kw: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+def infinite_batches(refs: list[ShardRef], *, start_epoch: int = 0, **kw: Any) -> Iterator[tuple[int, dict[str, Any]]]:
     """(epoch, batch) forever, epoch after epoch; an epoch with no batch at all is an error, not a spin."""
     epoch = start_epoch
     while True:
         n = 0
-        for batch in epoch_loader(urls, epoch=epoch, **kw):
+        for batch in epoch_loader(refs, epoch=epoch, **kw):
             n += 1
             yield epoch, batch
         if n == 0:
             raise TrainDataError(f"epoch {epoch} of rank {kw.get('rank')} yielded no full batch "
-                                 f"from {len(urls)} shard(s): too few samples or all unreadable")
+                                 f"from {len(refs)} shard(s): too few samples or all unreadable")
         epoch += 1
 
 
-def fixed_batch(urls: list[str], *, n: int, resolution: int, split: str | None) -> dict[str, Any] | None:
+def fixed_batch(refs: list[ShardRef], *, n: int, resolution: int, split: str | None,
+                limits: ReadLimits | None = None) -> dict[str, Any] | None:
     """The first ``n`` decodable samples (in sorted shard order) as one batch: the fixed validation batch."""
+    limits = limits or ReadLimits()
     samples: list[dict[str, Any]] = []
-    for raw in wds.DataPipeline(wds.SimpleShardList(sorted(urls)), wds.tarfile_to_samples(handler=warn_and_skip),
-                                wds.pipelinefilter(_only_split)(split)):
+    shards = [{"url": u} for u, _ in sorted(refs)]
+    for raw in _only_split(_read_shards(iter(shards), limits), split):
         try:
-            samples.append(decode_for_training(raw, resolution))
+            samples.append(decode_for_training(raw, resolution, limits))
         except SchemaError as exc:
             warn_and_skip(exc)
         if len(samples) == n:
@@ -286,9 +318,3 @@ def image_from_chw(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """(3,H,W) in [-1, 1] -> HxWx3 uint8."""
     a = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
     return np.clip((a.transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()

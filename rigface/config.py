@@ -36,7 +36,7 @@ class StorageConfig(_Section):
     # Endpoint of an S3-compatible store; None means AWS's own or AWS_ENDPOINT_URL from the environment.
     endpoint_url: str | None = None
     region: str = "us-east-1"
-    max_attempts: int = Field(8, ge=1, description="boto3 retry attempts on transient errors")
+    retry_seconds: float = Field(120.0, gt=0, description="how long a storage call retries transient S3 errors")
     mlflow_tracking_uri: str | None = None
 
     def export_env(self, environ: dict[str, str] | None = None) -> None:
@@ -45,7 +45,7 @@ class StorageConfig(_Section):
         pairs = {
             "AWS_ENDPOINT_URL": self.endpoint_url,
             "AWS_DEFAULT_REGION": self.region,
-            "RIGFACE_S3_MAX_ATTEMPTS": str(self.max_attempts),
+            "RIGFACE_S3_RETRY_SECONDS": str(self.retry_seconds),
             "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
         }
         for key, value in pairs.items():
@@ -53,6 +53,15 @@ class StorageConfig(_Section):
                 environ[key] = value
         if self.endpoint_url and not environ.get("MLFLOW_S3_ENDPOINT_URL"):
             environ["MLFLOW_S3_ENDPOINT_URL"] = self.endpoint_url
+
+
+class ReaderConfig(_Section):
+    """Size limits of every shard read (train, evaluate, validate, preview): checked before allocating."""
+
+    max_member_bytes: int = Field(64 << 20, ge=1024, description="largest tar member read into memory")
+    max_sample_bytes: int = Field(256 << 20, ge=1024, description="largest sum of one sample's members")
+    max_image_pixels: int = Field(4096 * 4096, ge=256, description="largest image decoded (width x height)")
+    max_npy_bytes: int = Field(1 << 20, ge=64, description="largest array an .npy member may declare")
 
 
 class PrepareConfig(_Section):
@@ -78,6 +87,7 @@ class PrepareConfig(_Section):
     video_timeout_s: float = Field(600.0, gt=0.0, description="per video and stage; past it: a 'timeout' skip")
     max_video_bytes: int = Field(16 << 30, ge=1, description="larger sources are a 'too_large' skip")
     stall_timeout_s: float = Field(1800.0, gt=0.0, description="the job fails when no stage progresses this long")
+    lease_seconds: float = Field(120.0, gt=1.0, description="a killed run's lease on the output expires after this")
 
 
 class ResourcesConfig(_Section):
@@ -216,6 +226,7 @@ class RigFaceConfig(_Section):
     resources: ResourcesConfig = ResourcesConfig()
     face: FaceConfig = FaceConfig()
     prepare: PrepareConfig = PrepareConfig()
+    reader: ReaderConfig = ReaderConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     latents: LatentsConfig = LatentsConfig()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rigface.data import shards, storage
+from rigface.data.dataset import Dataset
 from rigface.data.schema import PairSample, encode_sample, safe_video_id, sample_key
 
 
@@ -32,7 +32,8 @@ def write_synthetic_shards(root: str, n_shards: int, per_shard: int, size: int =
     for s in range(n_shards):
         video = safe_video_id(f"vid{split}{s}")
         samples = [synthetic_pair(video, i, i + 10, size, dim, split) for i in range(per_shard)]
-        url = storage.join(root, shards.shard_name(split, 1, s))
-        shards.write_shard(url, [(p.key, encode_sample(p)) for p in samples])
+        ds = Dataset(root)
+        url = ds.shard_url(split, 1, s)
+        ds.write_shard(url, [(p.key, encode_sample(p)) for p in samples])
         urls.append(url)
     return urls

@@ -38,11 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, cfg: RigFaceConfig) -> int:
     from rich.console import Console
 
-    from rigface.data import shards, storage
+    from rigface.data import dataset, storage
+    from rigface.data.shards import ShardError
 
     console = Console()
+    limits = dataset.ReadLimits.from_config(cfg.reader)
     if args.shards_action == "validate":
-        report = shards.validate_shards(args.url)
+        report = dataset.validate(args.url, limits)
         if args.json:
             print(json.dumps(report.to_dict(), indent=1))
         else:
@@ -57,8 +59,9 @@ def run(args: argparse.Namespace, cfg: RigFaceConfig) -> int:
         from rigface.data.report import quality_report
 
         try:
-            summary = quality_report(shards.iter_samples(args.url, decode=False), args.out, n=args.n, by=args.by)
-        except (ValueError, shards.ShardError) as exc:
+            summary = quality_report(dataset.iter_samples(args.url, limits, decode=False), args.out, n=args.n,
+                                     by=args.by)
+        except (ValueError, ShardError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             return 1
         for name, st in summary["fields"].items():
@@ -67,10 +70,10 @@ def run(args: argparse.Namespace, cfg: RigFaceConfig) -> int:
         console.print(f"{summary['samples']} pair(s); wrote {', '.join(summary['files'].values())} to {args.out}")
         return 0
     try:
-        chosen = select_samples(shards.iter_samples(args.url, decode=False), rows=args.rows, sort=args.sort,
-                                where=args.where)
+        chosen = select_samples(dataset.iter_samples(args.url, limits, decode=False), rows=args.rows,
+                                sort=args.sort, where=args.where)
         png = preview_png(chosen, rows=args.rows, tile=args.tile)
-    except (ValueError, shards.ShardError) as exc:
+    except (ValueError, ShardError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
     storage.write_bytes(args.out, png)

@@ -220,8 +220,41 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, ext
 
 
-def decode_sample(raw: Mapping[str, Any]) -> PairSample:
-    """A raw webdataset dict (``__key__`` plus member bytes, with or without leading dots) -> PairSample."""
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one decoded member may cost, checked from its header before any pixel or element is allocated
+    (a 20 KB PNG can declare 483 MiB of pixels; an .npy header can declare any shape)."""
+
+    max_image_pixels: int = 4096 * 4096
+    max_npy_bytes: int = 1 << 20
+
+
+def _open_image(key: str, name: str, data: bytes, limits: DecodeLimits, mode: str) -> np.ndarray:
+    im = Image.open(io.BytesIO(data))  # reads the header only
+    w, h = im.size
+    if w * h > limits.max_image_pixels:
+        raise SchemaError(f"{key}: {name} declares {w}x{h} pixels, over the limit of {limits.max_image_pixels}")
+    return np.asarray(im.convert(mode))
+
+
+def _load_npy(key: str, data: bytes, limits: DecodeLimits) -> np.ndarray:
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(f)  # the header only, no allocation
+    nbytes = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+    if nbytes > limits.max_npy_bytes:
+        raise SchemaError(f"{key}: expression.npy declares shape {shape} ({nbytes} bytes), "
+                          f"over the limit of {limits.max_npy_bytes}")
+    if nbytes > len(data):
+        raise SchemaError(f"{key}: expression.npy declares {nbytes} bytes but holds {len(data)}")
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def decode_sample(raw: Mapping[str, Any], limits: DecodeLimits | None = None) -> PairSample:
+    """A raw webdataset dict (``__key__`` plus member bytes, with or without leading dots) -> PairSample.
+    Images and the expression array are checked against ``limits`` before they are decoded."""
+    limits = limits or DecodeLimits()
     members = {k.lstrip("."): v for k, v in raw.items() if not k.startswith("__")}
     key = raw.get("__key__")
     if not isinstance(key, str):
@@ -231,9 +264,9 @@ def decode_sample(raw: Mapping[str, Any]) -> PairSample:
     if missing:
         raise SchemaError(f"{key}: missing members {missing}")
     try:
-        imgs = {m: np.asarray(Image.open(io.BytesIO(members[m])).convert("RGB")) for m in IMAGE_MEMBERS}
-        masks = {m: np.asarray(Image.open(io.BytesIO(members[m])).convert("L")) for m in MASK_MEMBERS}
-        expression = np.load(io.BytesIO(members["expression.npy"]), allow_pickle=False)
+        imgs = {m: _open_image(key, m, members[m], limits, "RGB") for m in IMAGE_MEMBERS}
+        masks = {m: _open_image(key, m, members[m], limits, "L") for m in MASK_MEMBERS}
+        expression = _load_npy(key, members["expression.npy"], limits)
         meta = json.loads(members["meta.json"])
     except SchemaError:
         raise
@@ -291,11 +324,11 @@ def _check_meta(meta: Mapping[str, Any], key: str) -> list[str]:
     return faults
 
 
-def validate_sample(sample: PairSample | Mapping[str, Any]) -> list[str]:
+def validate_sample(sample: PairSample | Mapping[str, Any], limits: DecodeLimits | None = None) -> list[str]:
     """Every schema fault of one sample (decoded or raw); an empty list means valid."""
     if not isinstance(sample, PairSample):
         try:
-            sample = decode_sample(sample)
+            sample = decode_sample(sample, limits)
         except SchemaError as exc:
             return [str(exc)]
     arrays = {"source.jpg": sample.source, "target.jpg": sample.target, "render.png": sample.render,

@@ -42,7 +42,7 @@ def test_demo_writes_every_output(demo, stack):
     import mlflow
     from PIL import Image
 
-    from rigface.data.shards import validate_shards
+    from rigface.data.dataset import validate
     from rigface.samples import sample_portraits
 
     outputs, out = demo
@@ -51,7 +51,7 @@ def test_demo_writes_every_output(demo, stack):
     assert stack.status()["running"]  # left up for the user to open MLflow
 
     # Shards: every one validates, both splits hold pairs, and the counts match what prepare reported.
-    report = validate_shards(outputs["shards"])
+    report = validate(outputs["shards"])
     assert report.ok, report.faults[:5]
     assert report.samples == outputs["prepare"]["pairs"] > 0
     assert report.per_split.get("train", 0) > 0 and report.per_split.get("val", 0) > 0

@@ -40,14 +40,15 @@ def test_evaluate_cli_end_to_end(stack, s3_prefix, tmp_path):
 
     from rigface.cli import main
     from rigface.data.schema import encode_sample
-    from rigface.data.shards import write_shard
+    from rigface.data.dataset import Dataset
     from rigface.model import build_rigface, save_rigface
     from rigface.model.config import ModelConfig
 
     data = f"{s3_prefix}/ds"
     samples = _val_samples(3)
-    write_shard(f"{data}/val/shard-v001-000000.tar", [(s.key, encode_sample(s)) for s in samples[:2]])
-    write_shard(f"{data}/val/shard-v001-000001.tar", [(s.key, encode_sample(s)) for s in samples[2:]])
+    ds = Dataset(data)
+    ds.write_shard(f"{data}/val/shard-v001-000000.tar", [(s.key, encode_sample(s)) for s in samples[:2]])
+    ds.write_shard(f"{data}/val/shard-v001-000001.tar", [(s.key, encode_sample(s)) for s in samples[2:]])
     model_dir = tmp_path / "model"
     save_rigface(build_rigface(ModelConfig(preset="tiny", resolution=64)), str(model_dir))
     client = mlflow.tracking.MlflowClient()

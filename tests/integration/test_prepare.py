@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ import pytest
 import media  # tests/ is on pythonpath (pyproject)
 
 from rigface.config import load_config
-from rigface.data import schema, shards
+from rigface.data import dataset, schema, storage
+from rigface.data.dataset import Dataset
 
 pytestmark = pytest.mark.integration
 
@@ -85,10 +87,10 @@ def test_prepare_bad_inputs_resume_and_append(ray_local, videos, tmp_path):
     assert by_name["vidéo été/b.mp4"]["pairs"] > 0
 
     # The shards pass the validator and read back with plain webdataset and with Ray Data.
-    report = shards.validate_shards(str(out))
+    report = dataset.validate(str(out))
     assert report.ok, report.faults
     assert report.samples == s.pairs
-    samples = list(shards.iter_samples(str(out)))
+    samples = list(dataset.iter_samples(str(out)))
     assert len(samples) == s.pairs and len({x.key for x in samples}) == s.pairs
     x = samples[0]
     assert x.source.shape == (512, 512, 3) and x.render.shape == (512, 512, 3)
@@ -96,7 +98,7 @@ def test_prepare_bad_inputs_resume_and_append(ray_local, videos, tmp_path):
     assert abs(x.meta["frames"][0] - x.meta["frames"][1]) >= 10  # min_gap 1 s at 10 fps
     import ray
 
-    tars = shards.list_shards(str(out))
+    tars = Dataset(str(out)).shard_urls()
     rds = ray.data.read_webdataset(tars, decoder=False).take_all()
     assert len(rds) == s.pairs
 
@@ -136,7 +138,7 @@ def test_prepare_bad_inputs_resume_and_append(ray_local, videos, tmp_path):
     assert card["versions"][1]["sources"][0]["source"] == str(new_src)
     assert card["versions"][1]["sources"][0]["videos_duplicate"] == 1
     assert card["totals"]["pairs"] == s.pairs + app.pairs
-    assert shards.validate_shards(str(out)).samples == s.pairs + app.pairs
+    assert dataset.validate(str(out)).samples == s.pairs + app.pairs
 
 
 class KillOnce:
@@ -173,8 +175,8 @@ def test_actor_killed_mid_run_every_sample_once(ray_local, tmp_path):
     assert marker.exists()
     clean = run(src, tmp_path / "c")
     assert killed.pairs == clean.pairs == 6
-    keys_k = sorted(x.key for x in shards.iter_samples(str(tmp_path / "k")))
-    keys_c = sorted(x.key for x in shards.iter_samples(str(tmp_path / "c")))
+    keys_k = sorted(x.key for x in dataset.iter_samples(str(tmp_path / "k")))
+    keys_c = sorted(x.key for x in dataset.iter_samples(str(tmp_path / "c")))
     assert keys_k == keys_c and len(set(keys_k)) == len(keys_k)
     assert killed.content_hash == clean.content_hash
 
@@ -184,7 +186,7 @@ def test_schema_key_safety_in_output(ray_local, videos, tmp_path):
     out = tmp_path / "ds"
     s = run(videos / "vidéo été", out)
     assert s.pairs == 2
-    for x in shards.iter_samples(str(out)):
+    for x in dataset.iter_samples(str(out)):
         vid, a, b = schema.parse_key(x.key)
         assert vid.startswith("b-") and x.meta["source_name"] == "b.mp4" and x.meta["content_hash"][:10] in vid
 
@@ -195,13 +197,13 @@ def test_prepare_to_s3_reads_back(ray_local, stack, s3_prefix, tmp_path):
     media.face_video(src / "a.mp4", n_frames=23, fps=10, size=SIZE, scale=1.0)
     s = run(src, s3_prefix)
     assert s.pairs == 2
-    assert shards.validate_shards(s3_prefix).ok
-    assert len(list(shards.iter_samples(s3_prefix))) == 2
+    assert dataset.validate(s3_prefix).ok
+    assert len(list(dataset.iter_samples(s3_prefix))) == 2
     import ray
 
-    fs, path = shards.pyarrow_filesystem(s3_prefix)
-    tars = [t for t in shards.list_shards(s3_prefix)]
-    rows = ray.data.read_webdataset([shards.pyarrow_filesystem(t)[1] for t in tars], filesystem=fs,
+    fs, path = storage.pyarrow_filesystem(s3_prefix)
+    tars = Dataset(s3_prefix).shard_urls()
+    rows = ray.data.read_webdataset([storage.pyarrow_filesystem(t)[1] for t in tars], filesystem=fs,
                                     decoder=False).take_all()
     assert len(rows) == 2
 
@@ -232,7 +234,7 @@ def test_s3_store_restarted_mid_run_writes_retry(ray_local, stack, s3_prefix, tm
     assert not t.is_alive()
     assert "error" not in result, result.get("error")
     assert result["summary"].pairs == 4
-    report = shards.validate_shards(s3_prefix)
+    report = dataset.validate(s3_prefix)
     assert report.ok and report.samples == 4, report.faults
 
 
@@ -280,3 +282,76 @@ def test_face_pool_sized_from_the_resources_ray_reports(ray_local, tmp_path):
     assert len(list(pids.iterdir())) == 2
     # Each stage reports the seconds it held a worker (bench/prepare.py prints them).
     assert all(s.stage_seconds[f"busy_{k}"] > 0 for k in ("decode", "analyze", "build", "write")), s.stage_seconds
+
+
+def test_a_video_added_to_the_source_is_refused_without_append_and_planned_once_with_it(ray_local, tmp_path):
+    from pipelines.prepare import PrepareError
+
+    src, out = tmp_path / "src", tmp_path / "ds"
+    for i in range(2):
+        media.face_video(src / f"v{i}.mp4", n_frames=22 + i, fps=10, size=SIZE, scale=1.0)
+    first = run(src, out)
+    assert first.pairs == 4
+    tars = {p.name: p.read_bytes() for p in out.rglob("*.tar")}
+    media.face_video(src / "v2.mp4", n_frames=24, fps=10, size=SIZE, scale=1.0)
+    # Without --append: the committed plan differs from the listing, so nothing is (re)written.
+    with pytest.raises(PrepareError, match=r"1 video\(s\) not in the plan: \['v2.mp4'\].*--append"):
+        run(src, out)
+    with pytest.raises(PrepareError, match="settings that shape samples changed.*pairs_per_video"):
+        run(src, out, prepare={"pairs_per_video": 3})
+    assert {p.name: p.read_bytes() for p in out.rglob("*.tar")} == tars
+    # With --append: the new video only, as version 2; every video's pairs exactly once.
+    app = run(src, out, append=True)
+    assert app.version == 2 and app.videos_planned == 1 and app.videos_duplicate == 2 and app.pairs == 2
+    samples = list(dataset.iter_samples(str(out)))
+    assert len(samples) == 6 and len({x.key for x in samples}) == 6
+    assert Counter(x.meta["source_name"] for x in samples) == {"v0.mp4": 2, "v1.mp4": 2, "v2.mp4": 2}
+    assert run(src, out).shards_written == 0  # version 2 is done; a plain rerun resumes (nothing to do)
+
+
+def test_overwrite_refuses_a_folder_holding_other_files_and_a_bucket_root(ray_local, stack, tmp_path):
+    from pipelines.prepare import PrepareError
+
+    src = tmp_path / "videos"
+    media.face_video(src / "a.mp4", n_frames=22, fps=10, size=SIZE, scale=1.0)
+    with pytest.raises(PrepareError, match="not part of a dataset"):
+        run(src, tmp_path, overwrite=True)  # the source videos live in the output folder
+    assert (src / "a.mp4").exists()
+    with pytest.raises(PrepareError, match="bucket"):
+        run(src, f"s3://{stack.bucket}", overwrite=True)
+    assert not storage.exists(f"s3://{stack.bucket}/lease.json")
+
+
+def test_two_runs_on_one_output_the_second_fails_fast_naming_the_holder(ray_local, stack, s3_prefix, tmp_path):
+    import threading
+    import time
+
+    from pipelines.prepare import PrepareError
+
+    src = tmp_path / "src"
+    media.face_video(src / "a.mp4", n_frames=23, fps=10, size=SIZE, scale=1.0)
+    result: dict = {}
+
+    def job():
+        try:
+            result["summary"] = run(src, s3_prefix)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = exc
+
+    t = threading.Thread(target=job)
+    t.start()
+    lease = Dataset(s3_prefix).lease_url
+    deadline = time.monotonic() + 120
+    while not storage.exists(lease) and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert storage.exists(lease), result
+    t0 = time.monotonic()
+    with pytest.raises(PrepareError, match="held by 'rigface prepare"):
+        run(src, s3_prefix, append=True)
+    assert time.monotonic() - t0 < 15
+    t.join(timeout=300)
+    assert "error" not in result, result.get("error")
+    assert result["summary"].pairs == 2
+    report = dataset.validate(s3_prefix)  # shards and their stats files agree (count and sha256)
+    assert report.ok and report.samples == 2, report.faults
+    assert not storage.exists(lease)

@@ -17,7 +17,7 @@ import pytest
 import media  # tests/ is on pythonpath (pyproject)
 
 from rigface.config import load_config
-from rigface.data import shards
+from rigface.data import dataset
 
 pytestmark = pytest.mark.integration
 
@@ -112,12 +112,12 @@ def test_video_that_kills_its_worker_is_a_crashed_skip(ray_local, clips, tmp_pat
     assert time.monotonic() - t0 < 150
     assert s.video_skips == {"crashed": 1}, s.video_skips
     assert s.videos_ok == 2 and s.pairs == 4 and _accounted(s) == s.videos_listed == 3
-    index = shards.read_index(str(tmp_path / "ds"), 1)
+    index = dataset.Dataset(str(tmp_path / "ds")).read_index(1)
     by_name = {r["name"]: r for r in index}
     assert by_name["culprit.mp4"]["status"] == "crashed" and by_name["culprit.mp4"]["pairs"] == 0
-    keys = [x.key for x in shards.iter_samples(str(tmp_path / "ds"))]
+    keys = [x.key for x in dataset.iter_samples(str(tmp_path / "ds"))]
     assert len(keys) == 4 and not any(k.startswith("culprit") for k in keys)
-    assert shards.validate_shards(str(tmp_path / "ds")).ok
+    assert dataset.validate(str(tmp_path / "ds")).ok
 
 
 @pytest.mark.slow
@@ -142,7 +142,7 @@ def test_devices_fifos_directories_and_oversized_sources_are_skips(ray_local, cl
     assert time.monotonic() - t0 < 120
     assert s.video_skips == {"not_a_file": 4}, s.video_skips
     assert s.videos_ok == 1 and s.pairs == 2 and _accounted(s) == s.videos_listed == 5
-    card = shards.read_card(str(tmp_path / "ds"))
+    card = dataset.Dataset(str(tmp_path / "ds")).read_card()
     assert card["versions"][-1]["totals"]["video_skips"] == {"not_a_file": 4}
 
     small = tmp_path / "small.csv"

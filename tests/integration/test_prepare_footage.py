@@ -11,7 +11,7 @@ import pytest
 
 import face_media as fm
 from rigface.config import load_config
-from rigface.data import shards
+from rigface.data import dataset
 from rigface.face.quality import QUALITY_FIELDS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,13 +42,14 @@ def test_half_face_clips_give_pairs_with_quality(ray_local, tmp_path):
     out = tmp_path / "ds"
     summary = run_prepare(cfg, source=str(src), output=str(out))
     assert summary.videos_ok == 2 and summary.pairs == 6, summary
-    urls = shards.list_shards(str(out))
-    stats = [shards.read_stats(u) for u in urls]
+    ds = dataset.Dataset(str(out))
+    urls = ds.shard_urls()
+    stats = [ds.read_stats(u) for u in urls]
     reports = [r for st in stats for r in st["video_reports"]]
     assert all(0.3 < r["face_coverage"] < 0.7 for r in reports), reports
     assert all(st["face_coverage"] is not None for st in stats)
     assert set(stats[0]["quality"]) == set(QUALITY_FIELDS) and stats[0]["quality"]["score"]["count"] == 6
-    samples = list(shards.iter_samples(urls))
+    samples = list(dataset.iter_samples(urls))
     assert len(samples) == 6
     for x in samples:
         q = x.meta["quality"]

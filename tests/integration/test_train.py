@@ -106,3 +106,27 @@ def test_bad_data_url_is_a_typed_error(stack):
 
     with pytest.raises(TrainError, match="no shards"):
         run_train(tiny_cfg(stack), data=f"s3://{stack.bucket}/tests/nothing-here", run_name="x")
+
+
+def test_few_pairs_in_mostly_empty_shards_train_on_two_workers(stack, ray_local):
+    """8 pairs in 9 committed shards, 6 of them empty (their videos were skipped), 2 workers: no rank is
+    handed only empty shards; too little data for ranks x batch is refused before Ray Train starts."""
+    from pipelines.train import TrainError, run_train
+    from rigface.data.dataset import Dataset
+    from rigface.data.schema import encode_sample
+    from shard_media import synthetic_pair
+
+    root = f"s3://{stack.bucket}/tests/sparse-shards-{os.getpid()}"
+    ds = Dataset(root)
+    sizes = [0, 3, 0, 0, 2, 0, 0, 3, 0]
+    for i, n in enumerate(sizes):
+        pairs = [synthetic_pair(f"v{i}", j, j + 10, 64, EXPRESSION_DIM) for j in range(n)]
+        ds.write_shard(ds.shard_url("train", 1, i), [(p.key, encode_sample(p)) for p in pairs], {"split": "train"})
+    assert sum(s.samples for s in ds.shards()) == 8 and len(ds.shards()) == 9
+
+    result = run_train(tiny_cfg(stack), data=root, run_name=f"sparse-{os.getpid()}", max_steps=2, num_workers=2)
+    assert result.steps == 2
+
+    with pytest.raises(TrainError, match="cannot give 2 worker"):  # 8 < 2 x 5, before any worker starts
+        run_train(tiny_cfg(stack, batch_size=5), data=root, run_name=f"too-few-{os.getpid()}", max_steps=2,
+                  num_workers=2)

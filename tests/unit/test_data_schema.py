@@ -9,7 +9,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from rigface.data import schema, shards
+from rigface.data import dataset, schema, shards
+from rigface.data.dataset import Dataset
 from rigface.data.sampling import max_pairs, min_gap_frames, replace_failed, sample_distant_pairs
 from rigface.data.schema import PairSample, SchemaError
 
@@ -160,30 +161,33 @@ def test_write_read_validate_shard(tmp_path):
     out = tmp_path / "ds"
     samples = [make_sample(a=i, b=i + 20, seed=i) for i in range(3)]
     packed = [(s.key, schema.pack_sample(s.key, schema.encode_sample(s))) for s in samples]
-    url = str(out / shards.shard_name("train", 1, 0))
-    stats = shards.write_shard(url, packed, {"videos": 1, "skips": {"no_face": 2}})
-    assert shards.is_done(url) and stats["samples"] == 3 and stats["skips"] == {"no_face": 2}
+    ds = Dataset(str(out))
+    url = ds.shard_url("train", 1, 0)
+    stats = ds.write_shard(url, packed, {"videos": 1, "skips": {"no_face": 2}})
+    assert ds.is_committed(url) and stats["samples"] == 3 and stats["skips"] == {"no_face": 2}
+    assert [(s.url, s.split, s.samples) for s in ds.shards()] == [(url, "train", 3)]
     # Deterministic bytes: the same samples give the same shard.
     url2 = str(tmp_path / "again" / "s.tar")
-    assert shards.write_shard(url2, packed)["sha256"] == stats["sha256"]
+    assert Dataset(str(tmp_path / "again")).write_shard(url2, packed)["sha256"] == stats["sha256"]
     # The standard tarfile module and plain webdataset both read it.
     with tarfile.open(url) as tar:
         assert len(tar.getnames()) == 3 * len(schema.MEMBERS)
-    raw = list(shards.read_shard(url))
+    raw = list(ds.read_shard(url))
     assert [r["__key__"] for r in raw] == [s.key for s in samples]
-    decoded = list(shards.iter_samples(str(out)))
+    decoded = list(ds.samples())
     assert [d.key for d in decoded] == [s.key for s in samples]
     np.testing.assert_array_equal(decoded[1].render, samples[1].render)
-    report = shards.validate_shards(str(out))
+    report = dataset.validate(str(out))
     assert report.ok and report.samples == 3 and report.per_split == {"train": 3}
 
 
 def test_validate_catches_faults(tmp_path):
     out = tmp_path / "ds"
     s = make_sample()
-    url = str(out / shards.shard_name("val", 1, 0))   # a train sample filed under val
-    shards.write_shard(url, [(s.key, schema.encode_sample(s))])
-    report = shards.validate_shards(str(out))
+    ds = Dataset(str(out))
+    url = ds.shard_url("val", 1, 0)   # a train sample filed under val
+    ds.write_shard(url, [(s.key, schema.encode_sample(s))])
+    report = dataset.validate(str(out))
     assert not report.ok and any("split" in f for f in report.faults)
 
     # A shard without a commit marker, and a broken member.
@@ -192,7 +196,7 @@ def test_validate_catches_faults(tmp_path):
     bad = out / "train" / "shard-v001-000000.tar"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(shards.finish_tar([schema.pack_sample(s.key, members)]))
-    report = shards.validate_shards(str(out))
+    report = dataset.validate(str(out))
     text = "\n".join(report.faults)
     assert "no stats file" in text and "cannot decode" in text
 
@@ -205,20 +209,23 @@ def test_tar_with_path_traversal_is_refused(tmp_path):
         info.size = 1
         tar.addfile(info, io.BytesIO(data))
     with pytest.raises(shards.ShardError, match="unsafe"):
-        list(shards.read_shard(str(evil)))
-    assert not shards.validate_shards(str(evil)).ok
+        list(dataset.read_shard(str(evil)))
+    assert not dataset.validate(str(evil)).ok
     assert not (tmp_path.parent.parent / "etc").exists()
 
 
 def test_card_and_content_hash(tmp_path):
-    assert shards.read_card(str(tmp_path)) is None
+    ds = Dataset(str(tmp_path))
+    assert ds.read_card() is None
     card = {"versions": [{"version": 1}]}
-    shards.write_card(str(tmp_path), card)
-    assert shards.read_card(str(tmp_path)) == card
-    (tmp_path / "index").mkdir()
-    (tmp_path / "index" / "v001.jsonl").write_text(json.dumps({"content_hash": "h1"}) + "\n")
-    assert shards.known_hashes(str(tmp_path), card) == {"h1"}
-    a = shards.dataset_content_hash([{"path": "a", "sha256": "1"}, {"path": "b", "sha256": "2"}])
-    b = shards.dataset_content_hash([{"path": "b", "sha256": "2"}, {"path": "a", "sha256": "1"}])
-    c = shards.dataset_content_hash([{"path": "b", "sha256": "3"}, {"path": "a", "sha256": "1"}])
+    ds.write_card(card)
+    assert ds.read_card() == card
+    ds.commit_plan({"version": 1, "videos": [{"content_hash": "h1"}]})
+    ds.commit_plan({"version": 1, "videos": [{"content_hash": "h1"}]})  # the same plan again: fine
+    with pytest.raises(dataset.DatasetError):
+        ds.commit_plan({"version": 1, "videos": [{"content_hash": "h2"}]})
+    assert ds.plan_versions() == [1] and ds.planned_hashes() == {"h1"} and ds.planned_hashes(below=1) == set()
+    a = dataset.content_hash_of([{"path": "a", "sha256": "1"}, {"path": "b", "sha256": "2"}])
+    b = dataset.content_hash_of([{"path": "b", "sha256": "2"}, {"path": "a", "sha256": "1"}])
+    c = dataset.content_hash_of([{"path": "b", "sha256": "3"}, {"path": "a", "sha256": "1"}])
     assert a == b != c

@@ -109,11 +109,11 @@ def test_failed_edit_is_recorded_and_rows_round_trip(scorer, tmp_path):
 
 
 def test_val_shards_prefers_committed(tmp_path):
-    from rigface.data.shards import write_shard
+    from rigface.data.dataset import Dataset
 
     root = tmp_path / "ds"
     s = make_sample(0)
-    write_shard(str(root / "val" / "shard-v001-000000.tar"), [(s.key, encode_sample(s))])
+    Dataset(str(root)).write_shard(str(root / "val" / "shard-v001-000000.tar"), [(s.key, encode_sample(s))])
     (root / "val" / "shard-v001-000001.tar").write_bytes(b"partial")  # no stats marker: unfinished
     (root / "train").mkdir()
     assert val_shards(str(root)) == [str(root / "val" / "shard-v001-000000.tar")]

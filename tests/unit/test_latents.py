@@ -24,7 +24,7 @@ def _encode_shards(urls, vae, resolution=64, dtype=torch.float32, drop_key=None)
     """What the `rigface latents` actor writes, done in-process (the Ray job itself is in the integration test)."""
     from pipelines.train_data import decode_for_training
     from rigface.data import latents as cache
-    from rigface.data.shards import read_shard
+    from rigface.data.dataset import read_shard
     from rigface.model.training import cacheable_latents
 
     tag = cache.cache_tag(cache.vae_identity(vae), resolution)
@@ -45,7 +45,7 @@ def test_sidecar_names_never_look_like_shards_and_tags_need_every_shard(tmp_path
 
     urls = write_synthetic_shards(str(tmp_path), n_shards=2, per_shard=3, size=64, dim=DIM)
     tag = _encode_shards(urls[:1], tiny.vae)
-    assert list_shards(str(tmp_path)) == sorted(urls)  # sidecars and their markers are not shards
+    assert [u for u, _ in list_shards(str(tmp_path))] == sorted(urls)  # sidecars and their markers are not shards
     listed = storage.list_urls(str(tmp_path))
     assert cache.complete_tags(urls, listed) == set()  # shard 2 has none yet
     assert cache.complete_tags(urls[:1], listed) == {tag}
@@ -92,9 +92,9 @@ def test_training_step_on_cached_latents_equals_the_vae_path(tmp_path, tiny, one
 
     urls = write_synthetic_shards(str(tmp_path), n_shards=1, per_shard=4, size=64, dim=DIM)
     tag = _encode_shards(urls, tiny.vae)  # float32 storage: the two paths must agree to rounding
-    plan = plan_epoch(urls, rank=0, world=1, epoch=0, seed=0)
+    plan = plan_epoch([(u, 4) for u in urls], rank=0, world=1, epoch=0, seed=0)
     cached = next(iter(build_pipeline(plan, batch_size=4, resolution=64, shuffle_buffer=0, latents_tag=tag)))
-    images = fixed_batch(urls, n=4, resolution=64, split="train")
+    images = fixed_batch([(u, 4) for u in urls], n=4, resolution=64, split="train")
     assert cached["__key__"] == images["__key__"]
     assert "source" not in cached and "latent_source" in cached  # no image was decoded
     tensors = lambda b: {k: v for k, v in b.items() if isinstance(v, torch.Tensor)}  # noqa: E731
@@ -110,13 +110,13 @@ def test_loader_skips_samples_a_sidecar_lacks_and_shards_whose_sidecar_is_unread
     from pipelines.train_data import build_pipeline, plan_epoch
     from rigface.data import latents as cache
     from rigface.data import storage
-    from rigface.data.shards import read_shard
+    from rigface.data.dataset import read_shard
 
     urls = write_synthetic_shards(str(tmp_path), n_shards=2, per_shard=3, size=64, dim=DIM)
     dropped = next(read_shard(urls[0]))["__key__"]
     tag = _encode_shards(urls, tiny.vae, drop_key=dropped)
     storage.write_bytes(cache.sidecar_url(urls[1], tag), b"not safetensors")
-    plan = plan_epoch(urls, rank=0, world=1, epoch=0, seed=0)
+    plan = plan_epoch([(u, 3) for u in urls], rank=0, world=1, epoch=0, seed=0)
     with caplog.at_level(logging.WARNING):
         batches = list(build_pipeline(plan, batch_size=1, resolution=64, shuffle_buffer=0, latents_tag=tag))
     keys = [b["__key__"][0] for b in batches]

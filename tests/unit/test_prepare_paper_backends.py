@@ -112,7 +112,7 @@ def ray_local():
 
 def test_rigface_prepare_with_the_paper_backends_writes_valid_shards(paper_weights, ray_local, tmp_path):
     from rigface.cli import main
-    from rigface.data import shards
+    from rigface.data import dataset
 
     source = tmp_path / "videos"
     media.face_video(source / "clip.mp4", n_frames=25, fps=10, size=SIZE, scale=1.0)
@@ -124,10 +124,10 @@ def test_rigface_prepare_with_the_paper_backends_writes_valid_shards(paper_weigh
     for o in overrides:
         argv += ["--set", o]
     assert main(argv) == 0
-    report = shards.validate_shards(str(out))
+    report = dataset.validate(str(out))
     assert report.ok, report.faults
     assert report.samples == 2
-    for sample in shards.iter_samples(str(out)):
+    for sample in dataset.iter_samples(str(out)):
         text = json.dumps(sample.meta)
         assert "deca:deca_model.tar" in text and "deep3d:face_adapter/d3dfr_res50_nofc.pth@256" in text
         assert '"crop": "paper"' in text and "insightface-scrfd" in text

@@ -1,6 +1,6 @@
 """The shard plan: the unit of work and retry, so it must be deterministic and keep every video once."""
 
-from pipelines.prepare import plan_shards
+from rigface.data.dataset import Dataset, plan_shards
 
 
 def videos():
@@ -11,9 +11,9 @@ def videos():
 
 
 def test_plan_is_deterministic_and_ids_are_unique():
-    plan1, dups1 = plan_shards(videos(), output="/out", version=1, videos_per_shard=2, val_fraction=0.0, seed=0,
+    plan1, dups1 = plan_shards(Dataset("/out"), videos(), version=1, videos_per_shard=2, val_fraction=0.0, seed=0,
                                known=set())
-    plan2, _ = plan_shards(list(reversed(videos())), output="/out", version=1, videos_per_shard=2,
+    plan2, _ = plan_shards(Dataset("/out"), list(reversed(videos())), version=1, videos_per_shard=2,
                            val_fraction=0.0, seed=0, known=set())
     ids = lambda plan: {u: [m["video_id"] for m in ms] for u, ms in plan.items()}  # noqa: E731
     assert ids(plan1) == ids(plan2), "input order must not change the plan"
@@ -24,7 +24,7 @@ def test_plan_is_deterministic_and_ids_are_unique():
 
 def test_known_and_repeated_content_is_skipped():
     vs = videos() + [dict(videos()[0], url="/v/copy.mp4", name="copy.mp4")]
-    plan, dups = plan_shards(vs, output="/out", version=2, videos_per_shard=8, val_fraction=0.0, seed=0,
+    plan, dups = plan_shards(Dataset("/out"), vs, version=2, videos_per_shard=8, val_fraction=0.0, seed=0,
                              known={"d" * 64})
     planned = [m["content_hash"] for ms in plan.values() for m in ms]
     assert sorted(planned) == sorted(["a" * 64, "b" * 64, "c" * 64])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rigface.data import shards
+from rigface.data import dataset as ds_mod
 from rigface.data.quality import QualityFilterError, make_predicate, parse_filter
 from shard_media import write_synthetic_shards
 
@@ -39,13 +39,13 @@ def test_preview_sorts_and_filters(dataset, tmp_path):
     from rigface.cli import main
     from rigface.data.preview import select_samples
 
-    chosen = select_samples(shards.iter_samples(dataset, decode=False), rows=3, sort="-score")
+    chosen = select_samples(ds_mod.iter_samples(dataset, decode=False), rows=3, sort="-score")
     assert [s.meta["quality"]["score"] for s in chosen] == [0.5, 0.5, 0.4]
-    chosen = select_samples(shards.iter_samples(dataset, decode=False), rows=20, sort="sharpness",
+    chosen = select_samples(ds_mod.iter_samples(dataset, decode=False), rows=20, sort="sharpness",
                             where=["score>=0.2", "score<=0.3"])
     assert [s.meta["quality"]["sharpness"] for s in chosen] == [70.0, 70.0, 80.0, 80.0]
     with pytest.raises(QualityFilterError):
-        select_samples(shards.iter_samples(dataset, decode=False), rows=2, sort="nonsense")
+        select_samples(ds_mod.iter_samples(dataset, decode=False), rows=2, sort="nonsense")
     out = tmp_path / "grid.png"
     assert main(["shards", "preview", dataset, "--out", str(out), "--rows", "4", "--sort=-score",
                  "--where", "face_size>=102"]) == 0
@@ -72,8 +72,9 @@ def test_report_writes_histograms_and_worst_best(dataset, tmp_path):
 def test_training_reader_drops_low_quality_pairs(dataset):
     from pipelines.train_data import build_pipeline, plan_epoch
 
-    urls = shards.list_shards(dataset)
-    plan = plan_epoch(urls, rank=0, world=1, epoch=0, seed=0)
+    from pipelines.train_data import list_shards
+
+    plan = plan_epoch(list_shards(dataset), rank=0, world=1, epoch=0, seed=0)
 
     def keys(**kw):
         pipe = build_pipeline(plan, batch_size=1, resolution=32, split="train", shuffle_buffer=1, **kw)

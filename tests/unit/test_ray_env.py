@@ -29,4 +29,4 @@ def test_storage_config_exports_endpoints_without_overriding_the_user():
     cfg.storage.export_env(env)
     assert env["AWS_ENDPOINT_URL"] == "http://store:8333" == env["MLFLOW_S3_ENDPOINT_URL"]
     assert env["MLFLOW_TRACKING_URI"] == "http://users-own"
-    assert env["RIGFACE_S3_MAX_ATTEMPTS"] == "8"
+    assert env["RIGFACE_S3_RETRY_SECONDS"] == "120.0"

@@ -76,3 +76,21 @@ def test_retry_gives_up_on_permanent_errors_and_retries_transient(monkeypatch):
     with pytest.raises(ValueError):
         permanent()
     assert calls["n"] == 1
+
+
+def test_conditional_writes_locally(tmp_path):
+    url = str(tmp_path / "lease.json")
+    assert storage.create_exclusive(url, b"a") is True
+    assert storage.create_exclusive(url, b"b") is False
+    data, tag = storage.read_with_etag(url)
+    assert data == b"a"
+    assert storage.replace_if(url, b"c", "stale") is False
+    assert storage.replace_if(url, b"c", tag) is True and storage.read_bytes(url) == b"c"
+    assert storage.delete_if(url, tag) is False  # the version it names is gone
+    assert storage.delete_if(url, storage.read_with_etag(url)[1]) is True and not storage.exists(url)
+
+
+def test_delete_many_reports_nothing_for_objects_already_gone(tmp_path):
+    (tmp_path / "a").write_bytes(b"1")
+    assert storage.delete_many([str(tmp_path / "a"), str(tmp_path / "never")]) == {}
+    assert not (tmp_path / "a").exists()
