@@ -24,7 +24,8 @@ SIZE = 384  # the astronaut's face is ~90 px here: above face.min_face_size
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(stack):
+    # The stack first: Ray's workers inherit the S3 endpoint and credentials from the environment at init.
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
