@@ -34,7 +34,7 @@ def test_known_and_repeated_content_is_skipped():
 def test_same_sampled_hash_other_bytes_is_kept_with_its_full_hash():
     full = {"/v/a.mp4": "1" * 64, "/v/copy.mp4": "1" * 64, "/v/edit.mp4": "2" * 64}
     vs = [dict(videos()[0], url=u, name=u.rsplit("/", 1)[-1], video_id=None) for u in full]
-    plan, dups = plan_shards(vs, output="/out", version=1, videos_per_shard=8, val_fraction=0.0, seed=0,
+    plan, dups = plan_shards(Dataset("/out"), vs, version=1, videos_per_shard=8, val_fraction=0.0, seed=0,
                              known=set(), full_hash=full.__getitem__)
     planned = {m["url"]: m["content_hash"] for ms in plan.values() for m in ms}
     assert [d["url"] for d in dups] == ["/v/copy.mp4"]  # the true copy goes
