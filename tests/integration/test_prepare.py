@@ -285,6 +285,7 @@ def test_face_pool_sized_from_the_resources_ray_reports(ray_local, tmp_path):
     assert all(s.stage_seconds[f"busy_{k}"] > 0 for k in ("decode", "analyze", "build", "write")), s.stage_seconds
 
 
+@pytest.mark.slow
 def test_a_video_added_to_the_source_is_refused_without_append_and_planned_once_with_it(ray_local, tmp_path):
     from pipelines.prepare import PrepareError
 
