@@ -15,6 +15,7 @@ does not decode, is skipped with a logged warning.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
