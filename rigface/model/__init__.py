@@ -19,7 +19,12 @@ Public API (imported lazily, so ``rigface.model.config`` stays light and torch-f
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
+
+# diffusers imports bitsandbytes (train.optimizer=adamw8bit) when installed; on CPUs with AVX512-BF16 its CPU
+# backend then warns on every import about a 4-bit GEMM kernel package that nothing here uses.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "RigFaceModel": "rigface.model.rigface_model",
