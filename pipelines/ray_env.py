@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
+
+from rigface.redact import has_url_credentials
+
+log = logging.getLogger(__name__)
 
 # Settings workers need to reach the same S3 store and MLflow server as the driver, and our own knobs.
 FORWARDED_PREFIXES = ("AWS_", "MLFLOW_", "RIGFACE_")
@@ -26,7 +31,15 @@ def forwarded_env() -> dict[str, str]:
     """
     if os.environ.get("RAY_ADDRESS"):
         return {}
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) and v and not SECRET.search(k)}
+    out = {}
+    for k, v in os.environ.items():
+        if not k.startswith(FORWARDED_PREFIXES) or not v or SECRET.search(k):
+            continue
+        if has_url_credentials(v):  # e.g. MLFLOW_TRACKING_URI=https://user:pw@host: workers inherit it instead
+            log.warning("not forwarding %s to Ray workers: its value holds URL credentials", k)
+            continue
+        out[k] = v
+    return out
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from rigface.config import RigFaceConfig
 from rigface.data import storage
+from rigface.redact import install_log_redaction, redact
 
 from pipelines import train_tracking as tracking
 from pipelines.ray_env import ensure_ray, forwarded_env
@@ -33,6 +34,14 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
 MODEL_DIR = "model"
+STOP_FILE = "STOP"  # under the run's storage folder: the driver asks the workers to checkpoint and stop
+CHECKPOINT_PREFIX = "checkpoint_"
+FAILURE_TAG = "rigface.failure"
+NONFINITE_REASON = "non-finite steps"
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM: the workers wrote a last checkpoint and the MLflow run is KILLED; a rerun resumes."""
 
 
 class TrainError(RuntimeError):
@@ -107,13 +116,14 @@ def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | No
     latent_tags = sorted(_complete_latent_tags(tc.data, [u for u, _ in train_shards])) if tc.latent_cache else []
     storage_uri, fs, storage_path = storage_location(cfg)
 
+    install_log_redaction()
     mlflow_client = tracking.client(cfg.storage.mlflow_tracking_uri)
     run_id, resumed = tracking.find_or_create_run(mlflow_client, tc.experiment, tc.run_name)
     params = tracking.safe_params(cfg.flat())
-    params.update({"data.url": tc.data, "data.num_shards": str(len(train_shards)),
+    params.update({"data.url": redact(tc.data), "data.num_shards": str(len(train_shards)),
                    "data.content_hash": str(card.get("content_hash", "unknown"))})
     tracking.log_params_once(mlflow_client, run_id, params)
-    for k, v in {**tracking.code_version(), "rigface.storage_uri": f"{storage_uri}/{tc.run_name}"}.items():
+    for k, v in {**tracking.code_version(), "rigface.storage_uri": redact(f"{storage_uri}/{tc.run_name}")}.items():
         mlflow_client.set_tag(run_id, k, v)
     if card and not resumed:
         mlflow_client.log_dict(run_id, card, "dataset/dataset.json")
@@ -133,19 +143,37 @@ def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | No
             storage_path=storage_path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            # Retention is ours (_prune_checkpoints: the latest keep_checkpoints plus the best by val_loss):
+            # Ray's num_to_keep would keep either the latest or the best, not both.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
             worker_runtime_env={"env_vars": forwarded_env()},
         ),
     )
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        mlflow_client.set_terminated(run_id, status="FAILED")
-        raise TrainError(f"training run {tc.run_name} failed: {exc}") from exc
+    stop_url = f"{storage_uri}/{tc.run_name}/{STOP_FILE}"
+    storage.delete_prefix(stop_url)  # a stop request left by an earlier, interrupted run
+    if FAILURE_TAG in mlflow_client.get_run(run_id).data.tags:  # this attempt starts with a clean slate
+        mlflow_client.delete_tag(run_id, FAILURE_TAG)
+    with _StopOnSignal(stop_url, mlflow_client, run_id) as stop:
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            _fail(mlflow_client, run_id, f"training run {tc.run_name} failed: {redact(exc)}")
+            raise TrainError(f"training run {tc.run_name} failed: {redact(exc)}") from exc
     metrics = dict(result.metrics or {})
     if result.error is not None:
-        mlflow_client.set_terminated(run_id, status="FAILED")
-        raise TrainError(f"training run {tc.run_name} failed: {result.error}")
+        _fail(mlflow_client, run_id, f"training run {tc.run_name} failed: {redact(result.error)}")
+        raise TrainError(f"training run {tc.run_name} failed: {redact(result.error)}")
+    # Ray Train V2's result keeps the metrics of the last checkpoint only: rank 0 leaves the reason on the run.
+    reason = mlflow_client.get_run(run_id).data.tags.get(FAILURE_TAG, "")
+    if reason.startswith(NONFINITE_REASON):
+        _fail(mlflow_client, run_id, reason)
+        raise TrainError(f"training run {tc.run_name} failed: {reason}")
+    if stop.requested or metrics.get("stopped"):
+        storage.delete_prefix(stop_url)
+        mlflow_client.set_tag(run_id, FAILURE_TAG, f"interrupted by {stop.signal_name} at step {int(metrics.get('step', 0))}")
+        mlflow_client.set_terminated(run_id, status="KILLED")
+        raise TrainInterrupted(f"training run {tc.run_name} stopped by {stop.signal_name} after a checkpoint at step "
+                               f"{int(metrics.get('step', 0))}; rerun with the same run name to resume")
     mlflow_client.set_terminated(run_id, status="FINISHED")
     checkpoint_uri = None
     if result.checkpoint is not None:
@@ -155,6 +183,54 @@ def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | No
                        steps=int(metrics.get("step", 0)), checkpoint_uri=checkpoint_uri,
                        storage_uri=f"{storage_uri}/{tc.run_name}", metrics=metrics,
                        model_uri=run.data.tags.get("rigface.model_uri"))
+
+
+def _fail(mlflow_client, run_id: str, reason: str) -> None:
+    """The run ends FAILED in MLflow with its reason (a tag, so the UI shows why)."""
+    log.error("train: %s", reason)
+    try:
+        mlflow_client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+    finally:
+        mlflow_client.set_terminated(run_id, status="FAILED")
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM while training: the first asks the workers (through a STOP object in the run's storage) to
+    write a checkpoint and return; a second one stops at once. Either way the MLflow run ends KILLED."""
+
+    def __init__(self, stop_url: str, mlflow_client, run_id: str):
+        self.stop_url, self.client, self.run_id = stop_url, mlflow_client, run_id
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.requested:  # the second signal: no more waiting
+            self.__exit__()
+            self.client.set_tag(self.run_id, FAILURE_TAG, f"interrupted twice ({name}) before a last checkpoint")
+            self.client.set_terminated(self.run_id, status="KILLED")
+            raise TrainInterrupted(f"stopped by a second {name}")
+        self.requested, self.signal_name = True, name
+        log.warning("train: %s: writing a last checkpoint, then stopping (send it again to stop now)", name)
+        storage.write_text(self.stop_url, f"{name}\n")
 
 
 # ---------------------------------------------------------------- worker
@@ -193,9 +269,14 @@ def train_func(config: dict[str, Any]) -> None:
     optimizer = make_optimizer(params, name=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = _lr_schedule(optimizer, tc.warmup_steps)
     ema = _ema(model, tc.ema_decay)
+    scaler = _grad_scaler(device, tc.mixed_precision if strategy.name == "ddp" else "no")  # fsdp: its own policy
 
-    # -- resume: weights, optimizer, schedule, EMA and the step count from the latest checkpoint
-    step, epoch = _restore(ray.train.get_checkpoint(), strategy, optimizer, scheduler, ema)
+    # -- resume: weights, optimizer, schedule, EMA and the step count from the latest loadable checkpoint
+    candidates = _checkpoint_candidates(ray.train.get_checkpoint(), cfg, config["checkpoint_root"])
+    step, epoch, best, resumed_from = _restore(candidates, strategy, optimizer, scheduler, ema, scaler)
+    if rank == 0 and resumed_from:
+        tracking.client(cfg.storage.mlflow_tracking_uri).set_tag(config["mlflow_run_id"], "rigface.resumed_from",
+                                                                 redact(f"{config['checkpoint_root']}/{resumed_from}"))
     if step >= tc.max_steps:
         log.info("train: checkpoint at step %d already meets max_steps=%d", step, tc.max_steps)
         return
@@ -217,6 +298,8 @@ def train_func(config: dict[str, Any]) -> None:
     generator = torch.Generator(device=device).manual_seed(tc.seed * 1000 + rank + step)
     fault = _FaultInjection.from_env(rank)
     last_ckpt_step = step
+    nonfinite_in_a_row = 0
+    stop = _StopPoll(f"{config['checkpoint_root']}/{STOP_FILE}", rank, world)
 
     # -- the loop: one optimizer step per iteration, grad_accum micro-batches each
     model.train()
@@ -232,17 +315,26 @@ def train_func(config: dict[str, Any]) -> None:
             with sync:
                 with autocast:
                     loss = training_step(step_components, batch, generator=generator)
+                    loss = fault.maybe_poison(loss, step + 1)
                 loss_value, any_bad = _all_ranks_loss(loss.detach().float(), world)
                 if any_bad:  # NaN/inf on some rank: no rank trains on this step
                     skipped = True
                     break
-                (loss / tc.grad_accum).backward()
+                scaler.scale(loss / tc.grad_accum).backward()
                 loss_sum += loss_value
         grad_norm = float("nan")
         if not skipped:
+            scaler.unscale_(optimizer)  # clip the true gradients (a no-op without fp16)
             grad_norm = strategy.clip_grad_norm(params, tc.max_grad_norm)
             skipped = not math.isfinite(grad_norm)
-        if not skipped:
+        if scaler.is_enabled() and not any_bad:
+            scaler.step(optimizer)  # skips the update itself on inf/NaN gradients, and lowers the scale
+            scaler.update()
+            if not skipped:
+                scheduler.step()
+                if ema is not None:
+                    ema.step(model.parameters())
+        elif not skipped:
             optimizer.step()
             scheduler.step()
             if ema is not None:
@@ -250,6 +342,7 @@ def train_func(config: dict[str, Any]) -> None:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         fault.maybe_crash(step)
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
         step_time = time.perf_counter() - t_step
 
         if tracker is not None:
@@ -270,10 +363,32 @@ def train_func(config: dict[str, Any]) -> None:
                                                                        or step == tc.max_steps):
                 tracker.log_grid(components, val_batch, step)  # fsdp: rank 0 alone cannot run sharded layers
 
-        if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-            _save_checkpoint(step, epoch, strategy, optimizer, scheduler, ema, config, tracker,
-                             {"step": step, "epoch": epoch, **({"loss": loss_sum / tc.grad_accum} if not skipped else {})})
+        if nonfinite_in_a_row >= tc.max_nonfinite_steps:  # every rank counts the same (the decision is all-reduced)
+            if tracker is not None:
+                tracker.metrics.flush()
+                tracker.client.set_tag(tracker.run_id, FAILURE_TAG, (
+                    f"{NONFINITE_REASON}: {nonfinite_in_a_row} in a row (NaN/inf loss or gradient) up to step {step}, "
+                    f"the limit train.max_nonfinite_steps={tc.max_nonfinite_steps}: the run stopped there"))
+            log.error("train: %d non-finite steps in a row at step %d: giving up", nonfinite_in_a_row, step)
+            ray.train.report({"step": step, "epoch": epoch, "failed_nonfinite": 1.0})
+            return
+        stopping = stop.requested()
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps or (stopping and step > last_ckpt_step):
+            # fsdp: rank 0 alone cannot run sharded layers, so no validation loss (retention keeps the latest K)
+            val_loss = _val_loss(components, val_batch, tc.seed) \
+                if val_batch is not None and strategy.name == "ddp" else None
+            metrics = {"step": step, "epoch": epoch, **({"loss": loss_sum / tc.grad_accum} if not skipped else {}),
+                       **({"val_loss": val_loss} if val_loss is not None else {}), **({"stopped": 1.0} if stopping else {})}
+            best = _save_checkpoint(step, epoch, strategy, optimizer, scheduler, ema, scaler, config, tracker, metrics,
+                                    best, val_loss, tc.keep_checkpoints)
             last_ckpt_step = step
+        elif stopping:
+            ray.train.report({"step": step, "epoch": epoch, "stopped": 1.0})
+        if stopping:
+            if tracker is not None:
+                tracker.metrics.flush()
+            log.warning("train: rank %d stopped on request at step %d (checkpoint %d)", rank, step, last_ckpt_step)
+            return
 
     final = model
     if strategy.name == "fsdp":  # every rank gathers; rank 0 alone gets (and saves) the full weights
@@ -363,37 +478,101 @@ def _all_ranks_loss(loss, world: int) -> tuple[float, bool]:
     return float(t[0]) / world, bool(t[1] > 0)
 
 
-def _restore(checkpoint, strategy, optimizer, scheduler, ema) -> tuple[int, int]:
-    """Load the latest checkpoint into the live objects; (step, next epoch), or (0, 0) on a fresh run."""
+def _grad_scaler(device, mixed_precision: str):
+    """fp16 needs loss scaling (small gradients underflow to zero); bf16 and fp32 do not: a disabled scaler
+    passes everything through."""
     import torch
 
-    if checkpoint is None:
-        return 0, 0
+    return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and mixed_precision == "fp16")
+
+
+def _checkpoint_candidates(latest, cfg: RigFaceConfig, checkpoint_root: str) -> list[Any]:
+    """Ray's latest checkpoint first, then the older ones of this run in storage, newest first (a corrupt
+    latest falls back to the one before). A fresh run (no latest) has none."""
+    import ray.train
+
+    if latest is None:
+        return []
+    latest_name = Path(latest.path).name
+    try:
+        names = sorted(_checkpoint_names(checkpoint_root), reverse=True)
+    except Exception as exc:  # noqa: BLE001 - no listing: Ray's latest alone
+        log.warning("train: cannot list older checkpoints: %s", redact(exc))
+        names = []
+    _, fs, path = storage_location(cfg)
+    older = [ray.train.Checkpoint(path=f"{path}/{cfg.train.run_name}/{n}", filesystem=fs)
+             for n in names if n < latest_name]
+    return [latest, *older]
+
+
+def _restore(candidates, strategy, optimizer, scheduler, ema, scaler) -> tuple[int, int, dict | None, str]:
+    """Load the newest loadable checkpoint into the live objects: (step, next epoch, best, its name), or
+    (0, 0, None, '') on a fresh run. A checkpoint that fails to load is skipped with a warning."""
+    import torch
+
+    if not candidates:
+        return 0, 0, None, ""
     model = strategy.model
-    with checkpoint.as_directory() as d:
-        loaded = strategy.model_class.from_pretrained(os.path.join(d, MODEL_DIR))
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-    saved_by = state.get("strategy", "ddp")
-    if saved_by != strategy.name:
-        raise TrainError(f"the run's checkpoint was written by train.strategy={saved_by}; resume it with that")
-    strategy.load_full_state(loaded.state_dict(), optimizer, state["optimizer"])
-    del loaded
-    scheduler.load_state_dict(state["scheduler"])
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
-        ema.to(next(model.parameters()).device)
-    log.info("train: resumed from step %d", state["step"])
-    # A resumed run starts a fresh epoch: the data position inside an epoch is not kept.
-    return int(state["step"]), int(state["epoch"]) + 1
+    errors = []
+    for checkpoint in candidates:
+        name = Path(checkpoint.path).name
+        try:
+            with checkpoint.as_directory() as d:
+                loaded = strategy.model_class.from_pretrained(os.path.join(d, MODEL_DIR))
+                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a corrupt or partial checkpoint: try the one before
+            log.warning("train: checkpoint %s cannot be loaded (%s: %s); trying the one before",
+                        name, type(exc).__name__, redact(exc))
+            errors.append(f"{name}: {type(exc).__name__}")
+            continue
+        saved_by = state.get("strategy", "ddp")
+        if saved_by != strategy.name:
+            raise TrainError(f"the run's checkpoint was written by train.strategy={saved_by}; resume it with that")
+        strategy.load_full_state(loaded.state_dict(), optimizer, state["optimizer"])
+        del loaded
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+            ema.to(next(model.parameters()).device)
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        log.info("train: resumed from step %d (%s)", state["step"], name)
+        # A resumed run starts a fresh epoch: the data position inside an epoch is not kept.
+        return int(state["step"]), int(state["epoch"]) + 1, state.get("best"), name
+    raise TrainError(f"no checkpoint of this run can be loaded: {', '.join(errors)}")
 
 
-def _save_checkpoint(step, epoch, strategy, optimizer, scheduler, ema, config, tracker, metrics) -> None:
+def _val_loss(components, val_batch, seed: int) -> float:
+    """The training loss on the fixed validation batch with fixed noise: comparable across checkpoints.
+    The unwrapped model (no DDP: only rank 0 runs it)."""
+    import torch
+
+    from rigface.model import training_step
+
+    model = components.model
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in val_batch.items() if isinstance(v, torch.Tensor)}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            loss = training_step(components, batch, generator=torch.Generator(device=device).manual_seed(seed + 7))
+    finally:
+        model.train(was_training)
+    return float(loss)
+
+
+def _save_checkpoint(step, epoch, strategy, optimizer, scheduler, ema, scaler, config, tracker, metrics,
+                     best: dict | None, val_loss: float | None, keep: int) -> dict | None:
     """Rank 0 writes the model (save_pretrained, safetensors) and the training state; every rank reports (and,
-    under fsdp, takes part in gathering the full state first)."""
+    under fsdp, takes part in gathering the full state first). Then rank 0 keeps the latest ``keep``
+    checkpoints and the best by validation loss. Returns the best."""
     import ray.train
     import torch
 
-    name = f"checkpoint_{step:08d}"
+    name = f"{CHECKPOINT_PREFIX}{step:08d}"
+    if val_loss is not None and math.isfinite(val_loss) and (best is None or val_loss < best["val_loss"]):
+        best = {"val_loss": val_loss, "step": step, "name": name}
     sharded = strategy.name == "fsdp"
     model_state = strategy.full_model_state() if sharded else None
     optimizer_state = strategy.full_optimizer_state(optimizer)
@@ -404,13 +583,96 @@ def _save_checkpoint(step, epoch, strategy, optimizer, scheduler, ema, config, t
             model.save_pretrained(os.path.join(d, MODEL_DIR), safe_serialization=True)
             torch.save({"step": step, "epoch": epoch, "optimizer": optimizer_state, "strategy": strategy.name,
                         "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                        "scaler": scaler.state_dict() if scaler.is_enabled() else None, "best": best,
                         "mlflow_run_id": config["mlflow_run_id"]}, os.path.join(d, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
     if tracker is not None:
-        uri = f"{config['checkpoint_root']}/{name}"
-        tracker.client.set_tag(tracker.run_id, "rigface.checkpoint.latest", uri)
-        tracker.client.set_tag(tracker.run_id, f"rigface.checkpoint.step_{step:08d}", uri)
+        root = config["checkpoint_root"]
+        uri = f"{root}/{name}"
+        tracker.client.set_tag(tracker.run_id, "rigface.checkpoint.latest", redact(uri))
+        tracker.client.set_tag(tracker.run_id, f"rigface.checkpoint.step_{step:08d}", redact(uri))
+        if val_loss is not None:
+            tracker.metrics.add(step, {"val_loss": val_loss})
+        if best is not None:
+            tracker.client.set_tag(tracker.run_id, "rigface.checkpoint.best", redact(f"{root}/{best['name']}"))
+        _prune_checkpoints(root, keep, best)
+    return best
+
+
+    with tempfile.TemporaryDirectory(prefix="rigface-ckpt-") as d:
+        checkpoint = None
+        if tracker is not None:
+            model = strategy.unsharded_copy(model_state) if sharded else strategy.model
+            model.save_pretrained(os.path.join(d, MODEL_DIR), safe_serialization=True)
+            torch.save({"step": step, "epoch": epoch, "optimizer": optimizer_state, "strategy": strategy.name,
+                        "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                        "scaler": scaler.state_dict() if scaler.is_enabled() else None, "best": best,
+                        "mlflow_run_id": config["mlflow_run_id"]}, os.path.join(d, STATE_FILE))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    if tracker is not None:
+        root = config["checkpoint_root"]
+        uri = f"{root}/{name}"
+        tracker.client.set_tag(tracker.run_id, "rigface.checkpoint.latest", redact(uri))
+        tracker.client.set_tag(tracker.run_id, f"rigface.checkpoint.step_{step:08d}", redact(uri))
+        if val_loss is not None:
+            tracker.metrics.add(step, {"val_loss": val_loss})
+        if best is not None:
+            tracker.client.set_tag(tracker.run_id, "rigface.checkpoint.best", redact(f"{root}/{best['name']}"))
+        _prune_checkpoints(root, keep, best)
+    return best
+
+
+def _checkpoint_names(root: str) -> set[str]:
+    """checkpoint_NNNNNNNN folders of the run (not Ray's checkpoint_manager_snapshot.json beside them)."""
+    import re
+
+    pattern = re.compile(re.escape(CHECKPOINT_PREFIX) + r"\d{8}")
+    out = set()
+    for u in storage.list_urls(root):
+        head = u[len(root) + 1:].split("/", 1)
+        if len(head) == 2 and pattern.fullmatch(head[0]):
+            out.add(head[0])
+    return out
+
+
+def _prune_checkpoints(root: str, keep: int, best: dict | None) -> None:
+    """Delete every checkpoint of the run but the newest ``keep`` and the best one."""
+    try:
+        names = sorted(_checkpoint_names(root))
+        keep_names = set(names[-keep:]) | ({best["name"]} if best else set())
+        for n in names:
+            if n not in keep_names:
+                storage.delete_prefix(f"{root}/{n}/")
+    except Exception as exc:  # noqa: BLE001 - retention is housekeeping: never kill a run over it
+        log.warning("train: checkpoint retention failed: %s", redact(exc))
+
+
+class _StopPoll:
+    """Whether the driver asked to stop (the STOP object): rank 0 looks every couple of seconds, and every rank
+    learns its answer in the same step (one tiny broadcast), so all of them stop at the same step."""
+
+    def __init__(self, url: str, rank: int, world: int, every_s: float = 2.0):
+        self.url, self.rank, self.world, self.every_s = url, rank, world, every_s
+        self._last = time.monotonic()
+        self._seen = False
+
+    def requested(self) -> bool:
+        if self.rank == 0 and not self._seen and time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            try:
+                self._seen = storage.exists(self.url)
+            except Exception as exc:  # noqa: BLE001 - a storage hiccup is not a stop request
+                log.warning("train: cannot check for a stop request: %s", redact(exc))
+        if self.world == 1:
+            return self._seen
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self._seen else 0.0])
+        dist.broadcast(flag, src=0)
+        return bool(flag.item() > 0)
 
 
 class _RankZeroTracker:
@@ -469,12 +731,14 @@ class _RankZeroTracker:
 
 @dataclasses.dataclass
 class _FaultInjection:
-    """For the fault-tolerance test: ``RIGFACE_TRAIN_FAULT=rank=1,step=3,marker=/tmp/x`` makes that rank
-    exit hard at that step, once (the marker file records that it happened)."""
+    """For the fault-tolerance tests: ``RIGFACE_TRAIN_FAULT=rank=1,step=3,marker=/tmp/x`` makes that rank
+    exit hard at that step, once (the marker file records that it happened); ``nan_from=5`` makes every
+    rank's loss NaN from step 5 on."""
 
     rank: int = -1
     step: int = -1
     marker: str = ""
+    nan_from: int = -1
 
     @classmethod
     def from_env(cls, rank: int) -> "_FaultInjection":
@@ -482,8 +746,12 @@ class _FaultInjection:
         if not spec:
             return cls()
         fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
-        want = cls(int(fields.get("rank", -1)), int(fields.get("step", -1)), fields.get("marker", ""))
-        return want if want.rank == rank and want.marker else cls()
+        nan_from = int(fields.get("nan_from", -1))
+        want = cls(int(fields.get("rank", -1)), int(fields.get("step", -1)), fields.get("marker", ""), nan_from)
+        return want if want.rank == rank and want.marker else cls(nan_from=nan_from)
+
+    def maybe_poison(self, loss, step: int):
+        return loss * float("nan") if 0 <= self.nan_from <= step else loss
 
     def maybe_crash(self, step: int) -> None:
         if step == self.step and self.marker and not os.path.exists(self.marker):

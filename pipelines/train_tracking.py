@@ -11,6 +11,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
+from rigface.redact import redact
+
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "rigface.run_name"
@@ -48,7 +50,7 @@ def code_version() -> dict[str, str]:
 
 def safe_params(flat: Mapping[str, Any]) -> dict[str, str]:
     """Flattened config -> MLflow params, leaving out anything whose name looks like a secret."""
-    return {k: str(v)[:_MAX_PARAM_CHARS] for k, v in flat.items() if not _SECRET_NAME.search(k)}
+    return {k: redact(v)[:_MAX_PARAM_CHARS] for k, v in flat.items() if not _SECRET_NAME.search(k)}
 
 
 def find_or_create_run(mlflow_client, experiment: str, run_name: str) -> tuple[str, bool]:

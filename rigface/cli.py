@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rigface import __version__
 from rigface.config import ConfigError, load_config
+from rigface.redact import install_log_redaction
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(argv, parser)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()  # no URL password reaches a log line
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -151,6 +151,7 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1)
     image_every: int = Field(1000, ge=1)
     max_failures: int = Field(3, ge=0)
+    max_nonfinite_steps: int = Field(20, ge=1, description="this many non-finite steps in a row end the run FAILED")
     seed: int = 0
     register_model: str | None = None
     val_batch_size: int = Field(4, ge=1, description="fixed validation pairs drawn in the MLflow image grids")

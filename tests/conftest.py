@@ -17,7 +17,7 @@ def stack(tmp_path_factory):
 
     state = tmp_path_factory.mktemp("stack")
     s = LocalStack(state, bucket="rigface-test")
-    info = s.up()
+    info = s.up(timeout=300)  # a loaded CI box (or 8 jobs on 2 cores) starts MLflow in minutes, not seconds
     env = s.env(info)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

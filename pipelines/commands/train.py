@@ -26,7 +26,7 @@ def run(args: argparse.Namespace, cfg: RigFaceConfig) -> int:
         if value is not None and value < 1:
             console.print(f"[red]error:[/red] --{flag.replace('_', '-')} must be >= 1 (got {value})")
             return 2
-    from pipelines.train import TrainError, run_train  # Ray and torch load only now
+    from pipelines.train import TrainError, TrainInterrupted, run_train  # Ray and torch load only now
 
     try:
         result = run_train(cfg, data=args.data, run_name=args.run_name, max_steps=args.max_steps,
@@ -34,6 +34,9 @@ def run(args: argparse.Namespace, cfg: RigFaceConfig) -> int:
     except TrainError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
+    except TrainInterrupted as exc:
+        console.print(f"[yellow]stopped:[/yellow] {exc}")
+        return 130
     console.print(f"run {result.run_name}: {'resumed, ' if result.resumed else ''}step {result.steps}")
     console.print(f"  mlflow run: {result.mlflow_run_id}")
     console.print(f"  checkpoint: {result.checkpoint_uri}")
