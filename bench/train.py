@@ -99,12 +99,12 @@ def cache_rows(steps: int) -> list[tuple[str, str, str]]:
     with tempfile.TemporaryDirectory() as root:
         write_synthetic_shards(root, n_shards=4, per_shard=16, size=64, dim=8)
         cfg = load_config([REPO / "configs/train/tiny.yaml"], ["model.expression_dim=8", "train.batch_size=4"])
-        urls = list_shards(root)
+        refs = list_shards(root)  # (url, samples)
         t0 = time.perf_counter()
-        tag = write_latents(cfg, urls)
+        tag = write_latents(cfg, [u for u, _ in refs])
         encode_s = time.perf_counter() - t0
-        base = plain_loop(cfg, urls, steps)
-        cached = plain_loop(cfg, urls, steps, latents_tag=tag)
+        base = plain_loop(cfg, refs, steps)
+        cached = plain_loop(cfg, refs, steps, latents_tag=tag)
     vae, step = sd15_vae_flops()
     return [
         ("tiny, plain loop, VAE each step: step time", f"{base * 1000:.1f} ms", "1.00"),
