@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 STATE_FILE = "training_state.pt"
 MODEL_DIR = "model"
 STOP_FILE = "STOP"  # under the run's storage folder: the driver asks the workers to checkpoint and stop
+# Under the run's storage folder too: a rank that hit a deterministic data error leaves its reason here, so the
+# attempt Ray Train starts after it (it retries every worker error) returns at once instead of failing again.
+DATA_ERROR_FILE = "DATA_ERROR"
+DATA_ERROR_REASON = "data error"
 CHECKPOINT_PREFIX = "checkpoint_"
 FAILURE_TAG = "rigface.failure"
 NONFINITE_REASON = "non-finite steps"
@@ -150,15 +154,23 @@ def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | No
         ),
     )
     stop_url = f"{storage_uri}/{tc.run_name}/{STOP_FILE}"
+    data_error_url = f"{storage_uri}/{tc.run_name}/{DATA_ERROR_FILE}"
     storage.delete_prefix(stop_url)  # a stop request left by an earlier, interrupted run
+    storage.delete_prefix(data_error_url)  # a data error of an earlier run: the data may have been fixed since
     if FAILURE_TAG in mlflow_client.get_run(run_id).data.tags:  # this attempt starts with a clean slate
         mlflow_client.delete_tag(run_id, FAILURE_TAG)
     with _StopOnSignal(stop_url, mlflow_client, run_id) as stop:
         try:
             result = trainer.fit()
         except Exception as exc:
-            _fail(mlflow_client, run_id, f"training run {tc.run_name} failed: {redact(exc)}")
-            raise TrainError(f"training run {tc.run_name} failed: {redact(exc)}") from exc
+            data_error = _data_error(data_error_url)
+            reason = data_error or f"training run {tc.run_name} failed: {redact(exc)}"
+            _fail(mlflow_client, run_id, reason)
+            raise TrainError(reason) from exc
+    data_error = _data_error(data_error_url)
+    if data_error:  # a deterministic data fault: the retried attempt returned at once (see train_func)
+        _fail(mlflow_client, run_id, data_error)
+        raise TrainError(data_error)
     metrics = dict(result.metrics or {})
     if result.error is not None:
         _fail(mlflow_client, run_id, f"training run {tc.run_name} failed: {redact(result.error)}")
@@ -183,6 +195,15 @@ def run_train(cfg: RigFaceConfig, *, data: str | None = None, run_name: str | No
                        steps=int(metrics.get("step", 0)), checkpoint_uri=checkpoint_uri,
                        storage_uri=f"{storage_uri}/{tc.run_name}", metrics=metrics,
                        model_uri=run.data.tags.get("rigface.model_uri"))
+
+
+def _data_error(url: str) -> str:
+    """The reason a rank left at ``url`` when it hit a deterministic data error, or ''."""
+    try:
+        return storage.read_text(url).strip() if storage.exists(url) else ""
+    except Exception as exc:  # noqa: BLE001 - unreadable marker: the run's own error says enough
+        log.warning("train: cannot read %s: %s", url, redact(exc))
+        return ""
 
 
 def _fail(mlflow_client, run_id: str, reason: str) -> None:
@@ -242,7 +263,7 @@ def train_func(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from pipelines.train_data import fixed_batch, infinite_batches
+    from pipelines.train_data import TrainDataError, fixed_batch, infinite_batches
     from pipelines.train_strategy import Strategy, check_options, make_optimizer
     from rigface.data.dataset import ReadLimits
     from rigface.model import build_rigface, training_step
@@ -253,6 +274,10 @@ def train_func(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     _seed_everything(tc.seed + rank)
+    data_error_url = f"{config['checkpoint_root']}/{DATA_ERROR_FILE}"
+    if _data_error(data_error_url):  # an earlier attempt hit a deterministic data error: retrying cannot help
+        log.error("train: rank %d: not retrying a deterministic data error (%s)", rank, data_error_url)
+        return
 
     # -- model, optimizer, schedule (trainable weights stay fp32; autocast does bf16 math on GPUs)
     check_options(tc.strategy, tc.optimizer, tc.ema_decay is not None)
@@ -308,7 +333,11 @@ def train_func(config: dict[str, Any]) -> None:
         data_wait, loss_sum, skipped = 0.0, 0.0, False
         for micro in range(tc.grad_accum):
             t_data = time.perf_counter()
-            epoch, batch = next(batches)
+            try:
+                epoch, batch = next(batches)
+            except TrainDataError as exc:  # the same data fails the same way on a retry: say so, then fail
+                storage.write_text(data_error_url, f"{DATA_ERROR_REASON} on rank {rank}: {redact(exc)}\n")
+                raise
             data_wait += time.perf_counter() - t_data
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             sync = strategy.no_sync(last_micro=micro == tc.grad_accum - 1)

@@ -131,3 +131,32 @@ def test_few_pairs_in_mostly_empty_shards_train_on_two_workers(stack, ray_local)
     with pytest.raises(TrainError, match="cannot give 2 worker"):  # 8 < 2 x 5, before any worker starts
         run_train(tiny_cfg(stack, batch_size=5), data=root, run_name=f"too-few-{os.getpid()}", max_steps=2,
                   num_workers=2)
+
+
+def test_deterministic_data_error_is_not_retried(stack, ray_local):
+    """Shards whose stats promise samples but whose bytes are garbage pass the driver's count check; the rank that
+    finds no full batch records the reason and the attempt Ray Train retries returns at once: the run fails
+    with the data error as its reason, not with Ray's retries-exhausted error."""
+    import mlflow
+
+    from pipelines.train import DATA_ERROR_FILE, DATA_ERROR_REASON, TrainError, run_train
+    from rigface.data import storage
+
+    root = f"s3://{stack.bucket}/tests/garbage-shards-{os.getpid()}"
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        url = storage.join(root, f"train/shard-v001-{i:06d}.tar")
+        storage.write_bytes(url, rng.integers(0, 255, 20000, dtype=np.uint8).tobytes())
+        storage.write_text(url[:-4] + ".stats.json", '{"samples": 4, "split": "train"}')
+    run_name = f"garbage-{os.getpid()}"
+    with pytest.raises(TrainError) as info:
+        run_train(tiny_cfg(stack, max_failures=3), data=root, run_name=run_name, max_steps=2, num_workers=1)
+    assert str(info.value).startswith(DATA_ERROR_REASON), info.value
+    assert "no full batch" in str(info.value)
+
+    client = mlflow.tracking.MlflowClient()
+    run = client.search_runs(client.get_experiment_by_name("test-train").experiment_id,
+                             filter_string=f"tags.mlflow.runName = '{run_name}'")[0]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["rigface.failure"].startswith(DATA_ERROR_REASON)
+    assert storage.exists(f"s3://{stack.bucket}/tests/runs/{run_name}/{DATA_ERROR_FILE}")
