@@ -629,30 +629,6 @@ def _save_checkpoint(step, epoch, strategy, optimizer, scheduler, ema, scaler, c
     return best
 
 
-    with tempfile.TemporaryDirectory(prefix="rigface-ckpt-") as d:
-        checkpoint = None
-        if tracker is not None:
-            model = strategy.unsharded_copy(model_state) if sharded else strategy.model
-            model.save_pretrained(os.path.join(d, MODEL_DIR), safe_serialization=True)
-            torch.save({"step": step, "epoch": epoch, "optimizer": optimizer_state, "strategy": strategy.name,
-                        "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                        "scaler": scaler.state_dict() if scaler.is_enabled() else None, "best": best,
-                        "mlflow_run_id": config["mlflow_run_id"]}, os.path.join(d, STATE_FILE))
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-    if tracker is not None:
-        root = config["checkpoint_root"]
-        uri = f"{root}/{name}"
-        tracker.client.set_tag(tracker.run_id, "rigface.checkpoint.latest", redact(uri))
-        tracker.client.set_tag(tracker.run_id, f"rigface.checkpoint.step_{step:08d}", redact(uri))
-        if val_loss is not None:
-            tracker.metrics.add(step, {"val_loss": val_loss})
-        if best is not None:
-            tracker.client.set_tag(tracker.run_id, "rigface.checkpoint.best", redact(f"{root}/{best['name']}"))
-        _prune_checkpoints(root, keep, best)
-    return best
-
-
 def _checkpoint_names(root: str) -> set[str]:
     """checkpoint_NNNNNNNN folders of the run (not Ray's checkpoint_manager_snapshot.json beside them)."""
     import re
