@@ -194,7 +194,7 @@ def main() -> None:
             rows.append((f"  efficiency {cpus} CPU (goal >= 0.85)", f"{pps:.2f} / ({cpus} x {loop_pps:.2f})",
                          f"{pps / (cpus * loop_pps):.2f}"))
             lhp = s.stage_seconds.get("list_hash_plan", 0.0)
-            rows.append((f"  list+hash+plan share (goal <= 5 %)", f"{lhp:.2f} s of {t:.1f} s", f"{100 * lhp / t:.1f} %"))
+            rows.append(("  list+hash+plan share (goal <= 5 %)", f"{lhp:.2f} s of {t:.1f} s", f"{100 * lhp / t:.1f} %"))
             for k, v in s.stage_seconds.items():
                 if k.startswith("busy_"):
                     rows.append((f"  busy {k[5:]} (summed over workers)", f"{v:.1f} s", f"{v / t:.2f} workers"))

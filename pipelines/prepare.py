@@ -22,7 +22,6 @@ import functools
 import json
 import logging
 import math
-import os
 import pickle
 import time
 from collections import Counter, defaultdict

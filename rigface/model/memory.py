@@ -125,7 +125,6 @@ def saved_activation_bytes(components, batch, gradient_checkpointing: bool) -> t
     Works on real or meta tensors. A block is a resnet or transformer of either UNet: the regions diffusers'
     gradient checkpointing recomputes one at a time.
     """
-    import torch
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 

@@ -11,7 +11,6 @@ import pytest
 import face_media as fm
 
 from rigface.face import assets, geometry
-from rigface.face.head import head_mesh
 from rigface.face.render import rasterize, render_lambertian
 
 
