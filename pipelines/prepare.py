@@ -520,7 +520,11 @@ def _run_stages(cfg: RigFaceConfig, out: Dataset, lease, pending: dict[str, list
     # Every retry is bounded (Ray's defaults are unlimited). A video that crashes or hangs is handled inside the
     # stage (pipelines.guarded), so these budgets are spent only on lost workers and nodes.
     task_opts = dict(max_retries=p.max_retries)
-    actor_opts = dict(max_restarts=p.max_actor_restarts, max_task_retries=p.max_actor_restarts)
+    # A face actor's calls are retried until the actor is dead for good (-1), which max_restarts bounds: when a
+    # node dies, every call fails at once with ActorUnavailableError until the GCS declares the node dead
+    # (health checks, ~15-30 s), and a count of retries was spent in that window and failed the job
+    # (tests/integration/test_node_loss.py). A video that crashes its actor is caught by the guard instead.
+    actor_opts = dict(max_restarts=p.max_actor_restarts, max_task_retries=-1)
     guard = dict(timeout_s=p.video_timeout_s, retries=p.max_retries)
     ds = ds.map(_busy("decode", decode_row),
                 fn_kwargs=dict(n_pairs=n_pairs, spare=spare, min_gap_seconds=p.min_gap_seconds, seed=p.seed,

@@ -517,18 +517,24 @@ def _grad_scaler(device, mixed_precision: str):
 
 def _checkpoint_candidates(latest, cfg: RigFaceConfig, checkpoint_root: str) -> list[Any]:
     """Ray's latest checkpoint first, then the older ones of this run in storage, newest first (a corrupt
-    latest falls back to the one before). A fresh run (no latest) has none."""
+    latest falls back to the one before). A fresh run has none.
+
+    Ray registers a checkpoint only once its controller has collected every rank's report; a worker group lost
+    between the upload and that (a node killed right after a checkpoint: tests/integration/test_node_loss.py)
+    restarts with no latest, so the run's checkpoints in storage are used instead of training from step 0."""
     import ray.train
 
-    if latest is None:
-        return []
-    latest_name = Path(latest.path).name
     try:
         names = sorted(_checkpoint_names(checkpoint_root), reverse=True)
     except Exception as exc:  # noqa: BLE001 - no listing: Ray's latest alone
         log.warning("train: cannot list older checkpoints: %s", redact(exc))
         names = []
     _, fs, path = storage_location(cfg)
+    if latest is None:
+        if names:
+            log.warning("train: Ray has no checkpoint registered, resuming from the run's storage (%s)", names[0])
+        return [ray.train.Checkpoint(path=f"{path}/{cfg.train.run_name}/{n}", filesystem=fs) for n in names]
+    latest_name = Path(latest.path).name
     older = [ray.train.Checkpoint(path=f"{path}/{cfg.train.run_name}/{n}", filesystem=fs)
              for n in names if n < latest_name]
     return [latest, *older]
