@@ -235,7 +235,9 @@ def run_evaluate(cfg: RigFaceConfig, *, data: str, model: str, out: str, mlflow_
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         # Fractional CPUs keep a CPU free for the read tasks (a pool that takes them all hangs the job).
         num_cpus=actor_cpus, num_gpus=1 if use_gpu else None,
-        max_restarts=ev.max_actor_restarts, max_task_retries=ev.max_actor_restarts,
+        # Calls to an actor on a dying node fail fast until Ray marks the node dead (~20-30 s): a counted call
+        # retry is spent inside that window. Unlimited call retries stay bounded by the actor's restarts.
+        max_restarts=ev.max_actor_restarts, max_task_retries=-1,
     )
     builder = ReportBuilder()
     per_pair = []
