@@ -15,16 +15,6 @@ from shard_media import write_synthetic_shards  # tests/ is on pythonpath
 DIM = 8
 
 
-@pytest.fixture(scope="module")
-def ray_local(stack):
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_latents_job_writes_resumes_and_training_uses_the_cache(stack, ray_local):
     from mlflow import MlflowClient
 

@@ -20,16 +20,6 @@ EXPRESSION_DIM = 8
 
 
 @pytest.fixture(scope="module")
-def ray_local(stack):
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def shard_set(stack, tmp_path_factory):
     """4 train shards of 4 pairs + 1 val shard, and one committed train shard whose bytes are garbage."""
     from rigface.data import storage

@@ -20,16 +20,6 @@ EXPRESSION_DIM = 8
 
 
 @pytest.fixture(scope="module")
-def ray_local(stack):
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def shard_set(stack):
     root = f"s3://{stack.bucket}/tests/train-faults-{os.getpid()}"
     write_synthetic_shards(root, n_shards=2, per_shard=4, size=64, dim=EXPRESSION_DIM)
