@@ -93,17 +93,24 @@ class StackInfo:
 # ---------------------------------------------------------------- helpers
 
 
+# Ports come from a band no other allocator hands out on a default Linux box: above Ray's worker ports
+# (10002-19999) and below the kernel's ephemeral range (32768-60999), where every outbound connection (boto3,
+# Ray, gRPC clients) takes its local port. Picking port 0 gave ports from the ephemeral range, and on a busy
+# machine one was taken by someone else between the pick and the server's bind.
+PORT_BAND = (20000, 32767)
+START_ATTEMPTS = 3  # a port taken between the pick and the bind: pick again, at most this many starts
+
+
 def _free_port(avoid: set[int], preferred: int | None = None) -> int:
     """A free loopback port. gRPC ports are taken explicitly too, so no port+10000 guessing collides."""
     if preferred and preferred not in avoid and _port_free(preferred):
         return preferred
+    rng = secrets.SystemRandom()
     for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in avoid:
+        port = rng.randint(*PORT_BAND)
+        if port not in avoid and _port_free(port):
             return port
-    raise StackError("no free port found on 127.0.0.1")
+    raise StackError(f"no free port found on 127.0.0.1 in {PORT_BAND[0]}-{PORT_BAND[1]}")
 
 
 def _port_free(port: int) -> bool:
@@ -346,19 +353,30 @@ class LocalStack:
         self.credentials()
         self._ensure_tls()
         previous = info.ports if info else {}
-        ports: dict[str, int] = {}
-        for name in (*S3_PORT_NAMES, "mlflow"):
-            ports[name] = _free_port(set(ports.values()), previous.get(name))
-        info = StackInfo(state_dir=str(self.state), bucket=self.bucket, ports=ports)
-        try:
-            # Both start at once: MLflow touches S3 only when an artifact moves, so start-up is the slower of two.
-            self._record(info, "s3", self._start_s3(info))
-            self._record(info, "mlflow", self._start_mlflow(info))
-            self._wait_s3(info, timeout)
-            self._wait_mlflow(info, timeout)
-        except BaseException:
-            self.down()
-            raise
+        for attempt in range(1, START_ATTEMPTS + 1):
+            info = StackInfo(state_dir=str(self.state), bucket=self.bucket, ports={})
+            for name in (*S3_PORT_NAMES, "mlflow"):
+                info.ports[name] = _free_port(set(info.ports.values()), previous.get(name))
+            log_sizes = {n: self._log_size(n) for n in ("s3", "mlflow")}
+            try:
+                # Both start at once: MLflow touches S3 only when an artifact moves, so start-up is the slower.
+                self._record(info, "s3", self._start_s3(info))
+                self._record(info, "mlflow", self._start_mlflow(info))
+                self._wait_s3(info, timeout)
+                self._wait_mlflow(info, timeout)
+                break
+            except StackError:
+                self.down()
+                # Another process bound one of our ports between the pick and the bind (a busy shared machine):
+                # fresh ports, a bounded number of times. Any other failure is the caller's to see.
+                if attempt == START_ATTEMPTS or not self._lost_a_port(log_sizes):
+                    raise
+                log.warning("stack: a port was taken while starting; starting again on other ports",
+                            extra={"attempt": attempt})
+                previous = {}
+            except BaseException:
+                self.down()
+                raise
         self._make_private()  # what the servers wrote with modes of their own choosing (volume .vif files)
         self._write_env(info)
         return info
@@ -609,6 +627,26 @@ class LocalStack:
             time.sleep(0.25)
         raise StackError(f"mlflow server not healthy after {timeout:.0f} s (last HTTP status {code}); "
                          f"{self.state / 'logs' / 'mlflow.log'} ends:\n{self._log_tail('mlflow')}")
+
+    def _log_size(self, name: str) -> int:
+        try:
+            return (self.state / "logs" / f"{name}.log").stat().st_size
+        except OSError:
+            return 0
+
+    def _lost_a_port(self, since: dict[str, int]) -> bool:
+        """Whether a server's log, past `since` (its size before this start), says a port was already in use."""
+        for name, offset in since.items():
+            try:
+                with open(self.state / "logs" / f"{name}.log", "rb") as f:
+                    f.seek(offset)
+                    text = f.read().decode(errors="replace").lower()
+            except OSError:
+                continue
+            # the bind itself, or `weed mini`'s own check of the ports it was given
+            if "address already in use" in text or "port allocation failed" in text:
+                return True
+        return False
 
     def _log_tail(self, name: str, lines: int = 15) -> str:
         try:

@@ -100,3 +100,42 @@ def test_up_twice_down_leaves_nothing_and_keeps_data(tmp_path, monkeypatch):
     assert storage.read_text("s3://keep/persist.txt") == "survives restart"
     s.down()
     print(f"stack start-up: {startup:.1f} s")
+
+
+def test_a_port_taken_between_pick_and_bind_is_picked_again(tmp_path, monkeypatch, caplog):
+    """On a busy machine another process can bind a port after `up` picked it and before the server did (the
+    volume server died with 'address already in use' when three stacks and Ray clusters started at once)."""
+    import socket
+
+    import rigface.stack as stack_mod
+
+    for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(k, raising=False)
+    thief = socket.socket()
+    thief.bind(("127.0.0.1", 0))
+    thief.listen()
+    taken = thief.getsockname()[1]
+    picks = []
+    real_pick = stack_mod._free_port
+
+    def racy_pick(avoid, preferred=None):
+        # The first start's volume port is the one somebody else just took.
+        port = taken if len(picks) == S3_VOLUME_INDEX else real_pick(avoid, preferred)
+        picks.append(port)
+        return port
+
+    S3_VOLUME_INDEX = stack_mod.S3_PORT_NAMES.index("volume")
+    monkeypatch.setattr(stack_mod, "_free_port", racy_pick)
+    s = LocalStack(tmp_path / "state", bucket="race")
+    try:
+        with caplog.at_level("WARNING", logger="rigface.stack"):
+            info = s.up()
+        assert info.ports["volume"] != taken and s.status()["running"]
+        first_start = (s.state / "logs" / "s3.log").read_text().lower()
+        assert "address already in use" in first_start or "port allocation failed" in first_start
+        assert any("starting again on other ports" in r.getMessage() for r in caplog.records)
+        assert len(picks) == 2 * (len(stack_mod.S3_PORT_NAMES) + 1)  # exactly one more start
+        assert all(stack_mod.PORT_BAND[0] <= p <= stack_mod.PORT_BAND[1] for p in picks if p != taken)
+    finally:
+        s.down()
+        thief.close()
