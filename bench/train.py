@@ -174,7 +174,7 @@ def main() -> None:
                               ["model.expression_dim=8", "train.checkpoint_every=100000", "train.image_every=100000",
                                "train.log_every=10", "train.storage_path=s3://bench/runs"])
             base = plain_loop(cfg, list_shards(data), args.steps)
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
             one = ray_run(cfg, data, "bench-1", args.steps, 1)
             two = ray_run(cfg, data, "bench-2", args.steps, 2)
             ray.shutdown()

@@ -51,7 +51,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init()  # KubeRay, the cluster launcher, or `ray start --head`
         return
     # Local: the raylet and its workers inherit this process's environment, so nothing needs forwarding.
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # address="local": a private Ray even where `ray start` left its address in /tmp/ray (a cluster someone
+    # else runs here, or one long dead); joining one is what RAY_ADDRESS is for.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def bound_ray_data(stall_timeout_s: float) -> None:

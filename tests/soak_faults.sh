@@ -42,12 +42,12 @@ soak_group() {
   for run in $(seq "$RUNS"); do
     start=$(date +%s)
     # shellcheck disable=SC2086  # the test list is word-split on purpose
-    "$PY" -m pytest -q -p no:cacheprovider --timeout=900 --basetemp="$SOAK_DIR/tmp-$group-$run" \
+    "$PY" -m pytest -q -p no:cacheprovider --basetemp="$SOAK_DIR/tmp-$group-$run" \
       --junitxml="$SOAK_DIR/$group-$run.xml" ${TESTS[$group]} >"$SOAK_DIR/$group-$run.log" 2>&1
     rc=$?
     echo "$group run $run/$RUNS: $( [ $rc -eq 0 ] && echo passed || echo "FAILED (rc $rc)" ) in $(( $(date +%s) - start )) s," \
       "load $(cut -d' ' -f1 /proc/loadavg); $(tail -n 1 "$SOAK_DIR/$group-$run.log")" | tee -a "$SOAK_DIR/summary.txt"
-    rm -rf "$SOAK_DIR/tmp-$group-$run"
+    [ $rc -ne 0 ] || rm -rf "$SOAK_DIR/tmp-$group-$run"  # a failed run keeps its files (job logs) to read
   done
 }
 

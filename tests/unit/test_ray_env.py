@@ -30,3 +30,48 @@ def test_storage_config_exports_endpoints_without_overriding_the_user():
     assert env["AWS_ENDPOINT_URL"] == "http://store:8333" == env["MLFLOW_S3_ENDPOINT_URL"]
     assert env["MLFLOW_TRACKING_URI"] == "http://users-own"
     assert env["RIGFACE_S3_RETRY_SECONDS"] == "120.0"
+
+
+def test_a_local_run_starts_its_own_ray_where_ray_start_runs_one(monkeypatch):
+    """`ray start` leaves its address in Ray's temp dir, and `ray.init()` joins that cluster (and refuses
+    num_cpus there): a run without RAY_ADDRESS must start a Ray of its own, as sized, and not use someone else's."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import ray
+
+    from pipelines.ray_env import ensure_ray
+
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix sockets live under it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RAY_TMPDIR=tmp)
+    env.pop("RAY_ADDRESS", None)
+    other = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+                              "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+                              "--node-ip-address=127.0.0.1"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    monkeypatch.setenv("RAY_TMPDIR", tmp)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(tmp, "ray", "ray_current_cluster").exists():
+            assert other.poll() is None and time.monotonic() < deadline, "ray start did not come up"
+            time.sleep(0.5)
+        assert not ray.is_initialized()
+        ensure_ray(num_cpus=2)
+        assert ray.cluster_resources().get("CPU") == 2  # its own; the other cluster has 1
+        assert ray.get_runtime_context().gcs_address != f"127.0.0.1:{port}"
+    finally:
+        ray.shutdown()
+        os.killpg(other.pid, signal.SIGKILL)  # not `ray stop`: that stops every Ray on the machine
+        other.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
