@@ -207,7 +207,7 @@ def run_demo(cfg: RigFaceConfig, budget: DemoConfig, out: Path, console=None) ->
     started_ray = False
     if not ray.is_initialized():
         env = forwarded_env()
-        ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env} if env else None)
         started_ray = True
     try:
