@@ -157,22 +157,37 @@ class TwoNodeCluster:
                    PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                    PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", RAY_TRAIN_V2_ENABLED="1")
         self.env = env
+        self.head_cpus = head_cpus
         self.head = RayNode(env, head_cpus, resources={"rf_head": 1})
         self.second: RayNode | None = None
         self.second_cpus = second_cpus
 
-    def start(self, timeout: float = 180.0) -> None:
-        self.second = RayNode(self.env, self.second_cpus, head_address=self.head.address)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for node in (self.head, self.second):
-                if node.proc.poll() is not None:
-                    raise RuntimeError(f"ray start exited {node.proc.returncode}:\n{node.log.read_text()[-3000:]}")
-            if self.alive_nodes() == 2:
-                return
-            time.sleep(2)
-        raise RuntimeError(f"the 2-node cluster did not form in {timeout:.0f} s:\n"
-                           f"{self.head.log.read_text()[-2000:]}\n{self.second.log.read_text()[-2000:]}")
+    def start(self, timeout: float = 180.0, attempts: int = 3) -> None:
+        """Both nodes up and registered. On a loaded machine `ray start` itself can give up (its raylet must
+        register within a fixed 30 s: "timed out during startup"); such a node is started again, a bounded
+        number of times, as a cluster manager would."""
+        for attempt in range(1, attempts + 1):
+            self.second = self.second or RayNode(self.env, self.second_cpus, head_address=self.head.address)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                dead = [n for n in (self.head, self.second) if n.proc.poll() is not None]
+                if dead:
+                    text = "\n".join(n.log.read_text(errors="replace")[-3000:] for n in dead)
+                    if attempt == attempts or "timed out during startup" not in text:
+                        raise RuntimeError(f"ray start exited {dead[0].proc.returncode}:\n{text}")
+                    if self.head in dead:  # a new head has a new address: the second node goes with it
+                        self.stop()
+                        self.head = RayNode(self.env, self.head_cpus, resources={"rf_head": 1})
+                    else:
+                        self.second.stop()
+                    self.second = None
+                    break
+                if self.alive_nodes() == 2:
+                    return
+                time.sleep(2)
+            else:
+                raise RuntimeError(f"the 2-node cluster did not form in {timeout:.0f} s:\n"
+                                   f"{self.head.log.read_text()[-2000:]}\n{self.second.log.read_text()[-2000:]}")
 
     def alive_nodes(self) -> int:
         """Nodes in `ray status`'s Active list (it asks the GCS; `ray list` would need a dashboard)."""
