@@ -33,6 +33,10 @@ from pipelines.resources import use_gpus
 log = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
+# What retention leaves of a pruned checkpoint: Ray's run snapshot lists every checkpoint ever reported, and a
+# rerun under the same name refuses to start when one of their folders is gone ("a reference to a checkpoint
+# that does not exist anymore": always so on AWS S3, by timing on SeaweedFS). The folder stays, with this alone.
+PRUNED_FILE = "PRUNED"
 MODEL_DIR = "model"
 STOP_FILE = "STOP"  # under the run's storage folder: the driver asks the workers to checkpoint and stop
 # Under the run's storage folder too: a rank that hit a deterministic data error leaves its reason here, so the
@@ -636,26 +640,33 @@ def _save_checkpoint(step, epoch, strategy, optimizer, scheduler, ema, scaler, c
 
 
 def _checkpoint_names(root: str) -> set[str]:
-    """checkpoint_NNNNNNNN folders of the run (not Ray's checkpoint_manager_snapshot.json beside them)."""
+    """checkpoint_NNNNNNNN folders of the run that hold a training state (not Ray's
+    checkpoint_manager_snapshot.json beside them, not what retention pruned)."""
     import re
 
     pattern = re.compile(re.escape(CHECKPOINT_PREFIX) + r"\d{8}")
     out = set()
     for u in storage.list_urls(root):
         head = u[len(root) + 1:].split("/", 1)
-        if len(head) == 2 and pattern.fullmatch(head[0]):
+        if len(head) == 2 and pattern.fullmatch(head[0]) and head[1] == STATE_FILE:
             out.add(head[0])
     return out
 
 
 def _prune_checkpoints(root: str, keep: int, best: dict | None) -> None:
-    """Delete every checkpoint of the run but the newest ``keep`` and the best one."""
+    """Empty every checkpoint of the run but the newest ``keep`` and the best one, down to a PRUNED marker
+    (the marker first, so the folder never disappears from under Ray's run snapshot)."""
     try:
         names = sorted(_checkpoint_names(root))
         keep_names = set(names[-keep:]) | ({best["name"]} if best else set())
         for n in names:
-            if n not in keep_names:
-                storage.delete_prefix(f"{root}/{n}/")
+            if n in keep_names:
+                continue
+            marker = f"{root}/{n}/{PRUNED_FILE}"
+            storage.write_text(marker, "pruned by rigface's checkpoint retention (train.keep_checkpoints)\n")
+            failed = storage.delete_many([u for u in storage.list_urls(f"{root}/{n}/") if u != marker])
+            if failed:
+                log.warning("train: retention could not delete %d object(s) of %s", len(failed), n)
     except Exception as exc:  # noqa: BLE001 - retention is housekeeping: never kill a run over it
         log.warning("train: checkpoint retention failed: %s", redact(exc))
 
