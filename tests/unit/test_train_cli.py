@@ -65,3 +65,25 @@ def test_storage_location(tmp_path, monkeypatch, storage_path, scheme):
         assert uri == "s3://bkt/runs" and path == "bkt/runs" and fs is not None
     else:
         assert uri == str(tmp_path / "runs") and fs is None and (tmp_path / "runs").is_dir()
+
+
+def test_retention_keeps_latest_and_best_and_leaves_a_marker_in_each_pruned_folder(tmp_path):
+    """Ray's run snapshot lists every reported checkpoint; a rerun refuses to start if one of their folders is
+    gone, so a pruned checkpoint keeps its folder with a PRUNED marker alone (tests/integration covers the rerun)."""
+    from pipelines.train import PRUNED_FILE, STATE_FILE, _checkpoint_names, _prune_checkpoints
+
+    root = tmp_path / "run"
+    for step in (2, 4, 6, 8, 10):
+        d = root / f"checkpoint_{step:08d}"
+        (d / "model").mkdir(parents=True)
+        (d / "model" / "weights.safetensors").write_bytes(b"w" * 100)
+        (d / STATE_FILE).write_bytes(b"s")
+    (root / "checkpoint_manager_snapshot.json").write_text("{}")
+    _prune_checkpoints(str(root), keep=2, best={"name": "checkpoint_00000004"})
+    assert _checkpoint_names(str(root)) == {"checkpoint_00000004", "checkpoint_00000008", "checkpoint_00000010"}
+    for step in (2, 6):
+        d = root / f"checkpoint_{step:08d}"
+        assert sorted(p.name for p in d.rglob("*") if p.is_file()) == [PRUNED_FILE]
+    _prune_checkpoints(str(root), keep=2, best={"name": "checkpoint_00000004"})  # again: nothing changes
+    assert (root / "checkpoint_00000002" / PRUNED_FILE).exists()
+    assert (root / "checkpoint_manager_snapshot.json").exists()
