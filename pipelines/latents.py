@@ -17,7 +17,7 @@ from typing import Any
 
 from rigface.config import RigFaceConfig
 
-from pipelines.ray_env import ensure_ray
+from pipelines.ray_env import bound_ray_data, ensure_ray
 from pipelines.resources import use_gpus
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ def run_latents(cfg: RigFaceConfig, *, data: str | None = None) -> LatentsResult
     lc = cfg.latents
     t0 = time.perf_counter()
     ensure_ray()
+    bound_ray_data(lc.stall_timeout_s)  # every retry bounded (Ray's defaults are unlimited), a stall ends the job
     # resources.gpus: on for an autoscaling cluster (GPU nodes may be at zero now); auto: GPUs present now.
     use_gpu = use_gpus(cfg.resources, ray.cluster_resources().get("GPU", 0))
     actors = max(1, min(lc.num_actors, len(shards)))
@@ -146,6 +147,9 @@ def run_latents(cfg: RigFaceConfig, *, data: str | None = None) -> LatentsResult
         concurrency=actors,
         num_cpus=lc.actor_cpus,
         num_gpus=1 if use_gpu else None,
+        # A lost actor (node, OOM) is restarted a bounded number of times and its shard tried again; a shard that
+        # fails to read is a recorded failure inside the actor, never a retry.
+        max_restarts=lc.max_actor_restarts, max_task_retries=-1,
     )
     rows = ds.take_all()
     failed = [f"{r['shard']}: {r['error']}" for r in rows if r["status"] == "failed"]

@@ -176,6 +176,8 @@ class LatentsConfig(_Section):
     batch_size: int = Field(8, ge=1, description="images per VAE call are 4x this")
     dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype of the latents")
     overwrite: bool = False
+    max_actor_restarts: int = Field(3, ge=0, description="restarts of a lost encoding actor (and of its shard)")
+    stall_timeout_s: float = Field(1800.0, gt=0.0, description="the job fails when no shard finishes this long")
 
 
 class EvaluateConfig(_Section):

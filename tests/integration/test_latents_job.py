@@ -33,9 +33,12 @@ def test_latents_job_writes_resumes_and_training_uses_the_cache(stack, ray_local
         f"model.expression_dim={DIM}", f"train.storage_path=s3://{stack.bucket}/tests/runs",
         "train.experiment=test-latents", "train.checkpoint_every=1000", "train.image_every=1000",
         "train.batch_size=2", "train.loader_workers=0", "latents.batch_size=2", "latents.num_actors=2",
-        "latents.actor_cpus=0.5"])
+        "latents.actor_cpus=0.5", "latents.stall_timeout_s=1234"])
 
     first = run_latents(cfg, data=root)
+    import ray
+
+    assert ray.data.DataContext.get_current().execution_no_progress_timeout_s == 1234  # a stall ends the job
     assert first.written == 3 and first.samples == 9 and len(first.failed) == 1 and "000007" in first.failed[0]
     assert all(cache.is_done(u, first.tag) for u in urls)
     again = run_latents(cfg, data=root)
