@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 
 import media  # tests/ is on pythonpath (pyproject)
+from procs import free_ports as _free_ports, pids_with as _pids_with
 from shard_media import write_synthetic_shards
 
 # Bounds on how long a job may take: far above an idle machine's (~2 min), because these tests also run 5 times
@@ -39,20 +39,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3 *
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 EXPRESSION_DIM = 8
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
 def _children() -> dict[int, list[int]]:
@@ -75,18 +61,6 @@ def _tree(root: int) -> list[int]:
         out.append(pid)
         todo.extend(kids.get(pid, []))
     return out
-
-
-def _pids_with(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
 
 
 def _kill(pids: list[int], sig: int = signal.SIGKILL) -> None:
