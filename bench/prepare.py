@@ -155,10 +155,11 @@ def prepare_local(src: Path, out: Path, cpus: int, extra: list[str] | None = Non
     import ray
 
     from pipelines.prepare import run_prepare
+    from pipelines.ray_env import start_local_ray
     from pipelines.resources import face_pool
 
     with pinned(range(cpus) if pin else os.sched_getaffinity(0)):
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        start_local_ray(num_cpus=cpus)
         cfg = load_config(overrides=OVERRIDES + (extra or []))
         try:
             pool = face_pool(cfg.resources, ray.cluster_resources()).describe()

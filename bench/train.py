@@ -160,6 +160,7 @@ def main() -> None:
 
     import ray
 
+    from pipelines.ray_env import start_local_ray
     from pipelines.train_data import list_shards
     from rigface.config import load_config
     from rigface.stack import LocalStack
@@ -174,7 +175,7 @@ def main() -> None:
                               ["model.expression_dim=8", "train.checkpoint_every=100000", "train.image_every=100000",
                                "train.log_every=10", "train.storage_path=s3://bench/runs"])
             base = plain_loop(cfg, list_shards(data), args.steps)
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            start_local_ray(num_cpus=2)
             one = ray_run(cfg, data, "bench-1", args.steps, 1)
             two = ray_run(cfg, data, "bench-2", args.steps, 2)
             ray.shutdown()

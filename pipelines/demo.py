@@ -201,14 +201,13 @@ def run_demo(cfg: RigFaceConfig, budget: DemoConfig, out: Path, console=None) ->
 
     import ray
 
-    from pipelines.ray_env import forwarded_env
+    from pipelines.ray_env import forwarded_env, start_local_ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     started_ray = False
     if not ray.is_initialized():
         env = forwarded_env()
-        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env} if env else None)
+        start_local_ray(num_cpus=max(2, os.cpu_count() or 1), runtime_env={"env_vars": env} if env else None)
         started_ray = True
     try:
         with progress.step("videos", f"{budget.n_videos} sample portrait videos"):

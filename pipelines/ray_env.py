@@ -51,9 +51,27 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init()  # KubeRay, the cluster launcher, or `ray start --head`
         return
     # Local: the raylet and its workers inherit this process's environment, so nothing needs forwarding.
-    # address="local": a private Ray even where `ray start` left its address in /tmp/ray (a cluster someone
-    # else runs here, or one long dead); joining one is what RAY_ADDRESS is for.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    start_local_ray(num_cpus=num_cpus, log_to_driver=True)
+
+
+def start_local_ray(num_cpus: int | None = None, **init_kwargs) -> None:
+    """Start a private Ray on this machine whose workers run at this process's priority.
+
+    address="local": a new Ray even where `ray start` left its address in Ray's temp dir (a cluster someone else
+    runs here, or one long dead); joining one is what RAY_ADDRESS is for.
+
+    Worker niceness 0: Ray starts every worker at nice +15, so that on a node of its own the raylet stays
+    responsive. Here the node is a machine shared with other work, where +15 leaves a job ~3% of a core against
+    any process at normal priority (the training fault tests beside one busy loop per core ran 10x slower). The
+    value is relative to this process, so `nice rigface prepare` still lowers the whole job; a
+    RAY_worker_niceness the user set wins.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    init_kwargs.setdefault("include_dashboard", False)
+    init_kwargs.setdefault("log_to_driver", False)
+    ray.init(address="local", num_cpus=num_cpus, **init_kwargs)
 
 
 def bound_ray_data(stall_timeout_s: float) -> None:

@@ -13,7 +13,9 @@ def ray_local(stack):
     Modules with other needs (prepare's pool sizing, the 2-node cluster) define their own `ray_local`."""
     import ray
 
+    from pipelines.ray_env import start_local_ray
+
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()

@@ -28,8 +28,9 @@ def ray_local(stack):
     # The stack first: Ray's workers inherit the S3 endpoint and credentials from the environment at init.
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
+    from pipelines.ray_env import start_local_ray
+
+    start_local_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
     yield ray
     ray.shutdown()
 

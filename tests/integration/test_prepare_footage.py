@@ -21,11 +21,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def ray_local():
     import ray
 
+    from pipelines.ray_env import start_local_ray
+
     if ray.is_initialized():  # another module's local Ray in the same session
         ray.shutdown()
-    # address="local": always a fresh local cluster, never one left by an earlier module of the session
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
+    start_local_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
     yield ray
     ray.shutdown()
 

@@ -103,9 +103,9 @@ def paper_weights(tmp_path_factory):
 def ray_local():
     import ray
 
-    # address="local": a new instance even when another Ray (e.g. a `ray start` of a parallel run) is up.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
+    from pipelines.ray_env import start_local_ray
+
+    start_local_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
     yield ray
     ray.shutdown()
 

@@ -75,3 +75,31 @@ def test_a_local_run_starts_its_own_ray_where_ray_start_runs_one(monkeypatch):
         os.killpg(other.pid, signal.SIGKILL)  # not `ray stop`: that stops every Ray on the machine
         other.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_local_ray_runs_its_workers_at_the_jobs_priority(monkeypatch):
+    """Ray's default +15 leaves a job a few percent of a core beside any busy process at normal priority."""
+    import os
+
+    import ray
+
+    from pipelines.ray_env import start_local_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)  # restored (unset) after the test
+
+    @ray.remote
+    def niceness() -> int:
+        return os.nice(0)
+
+    @ray.remote
+    class Actor:
+        def niceness(self) -> int:
+            return os.nice(0)
+
+    start_local_ray(num_cpus=1)
+    try:
+        assert ray.get(niceness.remote()) == os.nice(0)
+        assert ray.get(Actor.remote().niceness.remote()) == os.nice(0)
+    finally:
+        ray.shutdown()
