@@ -118,20 +118,35 @@ def plain_loop(src: Path) -> tuple[float, int, dict[str, float]]:
     return time.perf_counter() - t_all, pairs, dict(stages)
 
 
-class RssSampler:
-    """Peak RSS of this process and every process under it (a local Ray's raylet, actors and task workers)."""
+class ProcessSampler:
+    """Peak RSS and CPU seconds of this process and every process under it (a local Ray's raylet, GCS, agents,
+    actors, task workers, watchdog children), by kind. CPU is each process's last reading every `every` s (its
+    own user + system time; what a process burns in its last interval before it exits is missed)."""
+
+    KINDS = ("driver", "face actor", "task worker", "watchdog child", "ray system")
 
     def __init__(self, every: float = 0.5) -> None:
         self.every, self.peak, self._stop = every, {}, threading.Event()
+        self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, cpu seconds)
         self._t = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> "ProcessSampler":
+        import psutil
+
+        me = psutil.Process()
+        self._base = {p.pid: sum(p.cpu_times()[:2]) for p in [me, *me.children(recursive=True)]}
         self._t.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._t.join()
+
+    def cpu_seconds(self) -> dict[str, float]:
+        out: Counter[str] = Counter()
+        for kind, sec in self._cpu.values():
+            out[kind] += sec
+        return dict(out)
 
     def _run(self) -> None:
         import psutil
@@ -142,12 +157,14 @@ class RssSampler:
                 try:
                     name = " ".join(proc.cmdline())[:200]
                     rss = proc.memory_info().rss
+                    cpu = sum(proc.cpu_times()[:2]) - self._base.get(proc.pid, 0.0)
                 except Exception:  # noqa: BLE001 - gone between listing and reading
                     continue
                 kind = ("driver" if proc.pid == me.pid else "face actor" if "MapWorker" in name
                         else "task worker" if name.startswith("ray::")
-                        else "watchdog child" if "multiprocessing" in name else "ray system")
+                        else "watchdog child" if "pipelines.guarded" in name else "ray system")
                 self.peak[kind] = max(self.peak.get(kind, 0), rss)
+                self._cpu[proc.pid] = (kind, cpu)
             self._stop.wait(self.every)
 
 
@@ -177,6 +194,8 @@ def prepare_nodes(src: Path, out: Path, nodes: int):
 
     from pipelines.prepare import run_prepare
 
+    # Workers at the driver's priority, as start_local_ray does: the head's workers share core 0 with the driver.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     with pinned({0}):
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     for i in range(1, nodes):
@@ -217,7 +236,8 @@ def main() -> None:
             rows.append((f"  loop stage: {k}", f"{v:.1f} s", f"{100 * v / t_loop:.0f} %"))
         loads.append(os.getloadavg()[0])
         for cpus in () if args.memory_only else (1, 2):
-            t, s, pool = prepare_local(src, tmp / f"o{cpus}", cpus)
+            with ProcessSampler() as procs:
+                t, s, pool = prepare_local(src, tmp / f"o{cpus}", cpus)
             pps = s.pairs / t
             rows.append((f"prepare, local Ray {cpus} CPU on {cpus} core{'s' if cpus > 1 else ''}", f"{s.pairs} pairs in {t:.1f} s; {pool}",
                          f"{pps:.2f} pairs/s"))
@@ -228,6 +248,11 @@ def main() -> None:
             for k, v in s.stage_seconds.items():
                 if k.startswith("busy_"):
                     rows.append((f"  busy {k[5:]} (summed over workers)", f"{v:.1f} s", f"{v / t:.2f} workers"))
+            # Where the cores went: CPU seconds by process kind over the cores' seconds (from Ray's start to its end).
+            cpu = procs.cpu_seconds()
+            for kind in ProcessSampler.KINDS:
+                if kind in cpu:
+                    rows.append((f"  CPU {kind}", f"{cpu[kind]:.1f} s", f"{100 * cpu[kind] / (cpus * t):.0f} % of {cpus} core{'s' if cpus > 1 else ''}"))
             loads.append(os.getloadavg()[0])
         if not args.skip_nodes:
             t1, s1 = prepare_nodes(src, tmp / "n1", 1)
@@ -242,7 +267,7 @@ def main() -> None:
                 # distinct clips (identical bytes would be planned once, as duplicates)
                 media.face_video(many / f"s{i:03d}.mp4", n_frames=20 + i % 10, fps=10, size=384,
                                  scale=0.92 + 0.02 * (i // 10))
-            with RssSampler() as rss:
+            with ProcessSampler() as rss:
                 t, s, _ = prepare_local(many, tmp / "om", 2, ["prepare.pairs_per_video=2", "prepare.shard_size=16"],
                                         pin=False)
             drv = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
