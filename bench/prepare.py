@@ -194,8 +194,10 @@ def prepare_nodes(src: Path, out: Path, nodes: int):
 
     from pipelines.prepare import run_prepare
 
-    # Workers at the driver's priority, as start_local_ray does: the head's workers share core 0 with the driver.
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    from pipelines.ray_env import local_node_env
+
+    # Each raylet set up as start_local_ray sets up a local one (worker priority, worker soft limit).
+    os.environ.update({k: v for k, v in local_node_env(1).items() if k not in os.environ})
     with pinned({0}):
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     for i in range(1, nodes):
@@ -215,7 +217,7 @@ def prepare_nodes(src: Path, out: Path, nodes: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--clips", type=int, default=32, help="clips in the speed runs")
+    ap.add_argument("--clips", type=int, default=96, help="clips in the speed runs")
     ap.add_argument("--rss-videos", type=int, default=100, help="short clips for the memory run (0: skip)")
     ap.add_argument("--skip-nodes", action="store_true", help="skip the 1 -> 2 Ray nodes comparison")
     ap.add_argument("--memory-only", action="store_true", help="only the memory run")
@@ -228,10 +230,13 @@ def main() -> None:
         if args.memory_only:
             what, args.skip_nodes = f"{args.rss_videos} short synthetic clips", True
         with pinned({0}):
+            cpu0 = time.process_time()
             t_loop, pairs_loop, stages = plain_loop(src) if not args.memory_only else (1.0, 0, {})
+            loop_cpu = time.process_time() - cpu0
         loop_pps = pairs_loop / t_loop
         if not args.memory_only:
             rows.append(("plain loop, 1 process on 1 core", f"{pairs_loop} pairs in {t_loop:.1f} s", f"{loop_pps:.2f} pairs/s"))
+            rows.append(("  loop CPU per pair", f"{loop_cpu:.1f} CPU s", f"{1000 * loop_cpu / max(pairs_loop, 1):.0f} ms"))
         for k, v in stages.items():
             rows.append((f"  loop stage: {k}", f"{v:.1f} s", f"{100 * v / t_loop:.0f} %"))
         loads.append(os.getloadavg()[0])
@@ -250,6 +255,9 @@ def main() -> None:
                     rows.append((f"  busy {k[5:]} (summed over workers)", f"{v:.1f} s", f"{v / t:.2f} workers"))
             # Where the cores went: CPU seconds by process kind over the cores' seconds (from Ray's start to its end).
             cpu = procs.cpu_seconds()
+            total = sum(cpu.values())
+            rows.append(("  CPU per pair, every process (vs the loop's)", f"{total:.1f} CPU s",
+                         f"{1000 * total / max(s.pairs, 1):.0f} ms (x{(total / max(s.pairs, 1)) / (loop_cpu / max(pairs_loop, 1)):.2f})"))
             for kind in ProcessSampler.KINDS:
                 if kind in cpu:
                     rows.append((f"  CPU {kind}", f"{cpu[kind]:.1f} s", f"{100 * cpu[kind] / (cpus * t):.0f} % of {cpus} core{'s' if cpus > 1 else ''}"))

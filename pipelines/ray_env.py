@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import warnings
 
+from rigface.config import ResourcesConfig
 from rigface.redact import has_url_credentials
 
 log = logging.getLogger(__name__)
@@ -54,24 +56,41 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     start_local_ray(num_cpus=num_cpus, log_to_driver=True)
 
 
-def start_local_ray(num_cpus: int | None = None, **init_kwargs) -> None:
-    """Start a private Ray on this machine whose workers run at this process's priority.
-
-    address="local": a new Ray even where `ray start` left its address in Ray's temp dir (a cluster someone else
-    runs here, or one long dead); joining one is what RAY_ADDRESS is for.
+def local_node_env(num_cpus: int | None = None) -> dict[str, str]:
+    """Ray settings for a node on this machine (start_local_ray; the bench's and tests' extra raylets).
 
     Worker niceness 0: Ray starts every worker at nice +15, so that on a node of its own the raylet stays
     responsive. Here the node is a machine shared with other work, where +15 leaves a job ~3% of a core against
     any process at normal priority (the training fault tests beside one busy loop per core ran 10x slower). The
-    value is relative to this process, so `nice rigface prepare` still lowers the whole job; a
-    RAY_worker_niceness the user set wins.
+    value is relative to the process that starts Ray, so `nice rigface prepare` still lowers the whole job.
+
+    Worker soft limit: Ray keeps one idle worker per CPU and kills the others after 1 s idle; prepare's CPU
+    tasks take resources.task_cpus (0.25) each, so up to 4 run per CPU, and a stream with short gaps killed
+    and restarted them all the time (each start imports Ray Data and the face stack again: 36 processes for 24
+    videos, 1.6x the run time at 1 CPU; bench/prepare.py).
+    """
+    cpus = num_cpus or os.cpu_count() or 1
+    per_cpu = math.ceil(1 / ResourcesConfig().task_cpus)
+    return {"RAY_worker_niceness": "0", "RAY_num_workers_soft_limit": str(per_cpu * math.ceil(cpus) + 2)}
+
+
+def start_local_ray(num_cpus: int | None = None, **init_kwargs) -> None:
+    """Start a private Ray on this machine, set up by local_node_env (values the user set win).
+
+    address="local": a new Ray even where `ray start` left its address in Ray's temp dir (a cluster someone else
+    runs here, or one long dead); joining one is what RAY_ADDRESS is for.
     """
     import ray
 
-    os.environ.setdefault("RAY_worker_niceness", "0")
     init_kwargs.setdefault("include_dashboard", False)
     init_kwargs.setdefault("log_to_driver", False)
-    ray.init(address="local", num_cpus=num_cpus, **init_kwargs)
+    added = {k: v for k, v in local_node_env(num_cpus).items() if k not in os.environ}
+    os.environ.update(added)  # the raylet (and so every worker) inherits them at init
+    try:
+        ray.init(address="local", num_cpus=num_cpus, **init_kwargs)
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def bound_ray_data(stall_timeout_s: float) -> None:

@@ -662,13 +662,28 @@ def _prune_checkpoints(root: str, keep: int, best: dict | None) -> None:
         for n in names:
             if n in keep_names:
                 continue
-            marker = f"{root}/{n}/{PRUNED_FILE}"
-            storage.write_text(marker, "pruned by rigface's checkpoint retention (train.keep_checkpoints)\n")
-            failed = storage.delete_many([u for u in storage.list_urls(f"{root}/{n}/") if u != marker])
-            if failed:
-                log.warning("train: retention could not delete %d object(s) of %s", len(failed), n)
+            _prune_one(f"{root}/{n}")
     except Exception as exc:  # noqa: BLE001 - retention is housekeeping: never kill a run over it
         log.warning("train: checkpoint retention failed: %s", redact(exc))
+
+
+def _prune_one(folder: str, attempts: int = 2) -> None:
+    """Down to the PRUNED marker. Files only: the zero-byte folder markers ("name/" keys) that pyarrow leaves
+    stay, since on a store with real folders (SeaweedFS's filer) deleting one may mean the folder. Then it checks
+    and goes once more: one soak run under load found a pruned folder without its marker and with files left."""
+    marker = f"{folder}/{PRUNED_FILE}"
+    for _ in range(attempts):
+        if not storage.exists(marker):
+            storage.write_text(marker, "pruned by rigface's checkpoint retention (train.keep_checkpoints)\n")
+        left = [u for u in storage.list_urls(f"{folder}/") if u != marker and not u.endswith("/")]
+        if not left:
+            return
+        failed = storage.delete_many(left)
+        if failed:
+            log.warning("train: retention could not delete %d object(s) of %s", len(failed), redact(folder))
+    if not storage.exists(marker) or any(u != marker and not u.endswith("/")
+                                         for u in storage.list_urls(f"{folder}/")):
+        log.warning("train: retention left %s unfinished", redact(folder))
 
 
 class _StopPoll:

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 import media  # tests/ is on pythonpath (pyproject)
+from pipelines.ray_env import local_node_env
 from procs import free_ports as _free_ports, pids_with as _pids_with
 from shard_media import write_synthetic_shards
 
@@ -127,11 +128,11 @@ class TwoNodeCluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         # A token of its own: Ray 2.60 turns auth on when ~/.ray/auth_token exists, so leaving it to chance makes
         # the cluster depend on what else ran on the machine. PYTHONPATH: workers import this checkout.
-        # RAY_worker_niceness=0: both "nodes" share this machine with other work (docs/cluster.md, shared hosts).
+        # local_node_env: both "nodes" share this machine with other work, set up as a local Ray is.
         env.update(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
                    PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                    PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", RAY_TRAIN_V2_ENABLED="1",
-                   RAY_worker_niceness="0")
+                   **local_node_env(max(head_cpus, second_cpus)))
         self.env = env
         self.head_cpus = head_cpus
         self.head = RayNode(env, head_cpus, resources={"rf_head": 1})

@@ -103,3 +103,41 @@ def test_a_local_ray_runs_its_workers_at_the_jobs_priority(monkeypatch):
         assert ray.get(Actor.remote().niceness.remote()) == os.nice(0)
     finally:
         ray.shutdown()
+
+
+def test_a_local_ray_keeps_its_fractional_cpu_workers_between_bursts(monkeypatch, tmp_path):
+    """Ray keeps one idle worker per CPU and kills the rest after 1 s idle: prepare's 0.25-CPU tasks then started
+    (and imported Ray Data and the face stack in) a new process for most videos."""
+    import os
+    import time
+    from pathlib import Path
+
+    import ray
+
+    from pipelines.ray_env import start_local_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_num_workers_soft_limit", raising=False)
+
+    @ray.remote(num_cpus=0.25)
+    def together(folder: str, n: int) -> int:
+        """Returns once `n` of these run at once (so each burst holds 4 workers)."""
+        Path(folder, str(os.getpid())).touch()
+        deadline = time.monotonic() + 120
+        while len(os.listdir(folder)) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return os.getpid()
+
+    def burst(name: str) -> set[int]:
+        folder = tmp_path / name
+        folder.mkdir()
+        return set(ray.get([together.remote(str(folder), 4) for _ in range(4)]))
+
+    start_local_ray(num_cpus=1)
+    try:
+        first = burst("first")
+        assert len(first) == 4  # four at once on one CPU
+        time.sleep(4)  # idle well past Ray's 1 s kill threshold
+        assert burst("again") == first  # the same processes: none was killed and started again
+    finally:
+        ray.shutdown()
