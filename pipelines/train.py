@@ -672,18 +672,15 @@ def _prune_one(folder: str, attempts: int = 2) -> None:
     stay, since on a store with real folders (SeaweedFS's filer) deleting one may mean the folder. Then it checks
     and goes once more: one soak run under load found a pruned folder without its marker and with files left."""
     marker = f"{folder}/{PRUNED_FILE}"
-    for _ in range(attempts):
+    for attempt in range(attempts + 1):  # the last pass only checks (and puts the marker back)
         if not storage.exists(marker):
             storage.write_text(marker, "pruned by rigface's checkpoint retention (train.keep_checkpoints)\n")
         left = [u for u in storage.list_urls(f"{folder}/") if u != marker and not u.endswith("/")]
         if not left:
             return
-        failed = storage.delete_many(left)
-        if failed:
-            log.warning("train: retention could not delete %d object(s) of %s", len(failed), redact(folder))
-    if not storage.exists(marker) or any(u != marker and not u.endswith("/")
-                                         for u in storage.list_urls(f"{folder}/")):
-        log.warning("train: retention left %s unfinished", redact(folder))
+        if attempt < attempts and storage.delete_many(left):
+            log.warning("train: retention could not delete some objects of %s", redact(folder))
+    log.warning("train: retention left %s unfinished", redact(folder))
 
 
 class _StopPoll:
