@@ -201,7 +201,9 @@ class EvaluateConfig(_Section):
     max_retries: int = Field(2, ge=0, description="Ray retries of a lost read task")
     max_actor_restarts: int = Field(3, ge=0, description="restarts of a lost editing actor (and of its batch)")
     channels_last: bool = Field(True, description="channels-last weights for editing on GPUs")
-    compile: bool = Field(False, description="torch.compile the Denoising UNet for editing (slow first call)")
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        False, description="torch.compile the Denoising UNet for editing (slow first call): true or a torch.compile "
+                           "mode; 'reduce-overhead' (CUDA graphs) is the fastest for batch-1 edits on GPUs")
     stall_timeout_s: float = Field(1800.0, gt=0.0, description="the job fails when no stage progresses this long")
 
     def torch_dtype(self):

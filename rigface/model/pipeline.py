@@ -89,15 +89,18 @@ class RigFacePipeline(DiffusionPipeline):
         text.to(device=components.text_embedding.device)
         return cls(components.model, components.vae, scheduler, text, resolution=components.config.resolution)
 
-    def optimize_for_speed(self, channels_last: bool = True, compile: bool = False) -> "RigFacePipeline":
+    def optimize_for_speed(self, channels_last: bool = True, compile: bool | str = False) -> "RigFacePipeline":
         """Channels-last weights (the layout tensor-core convolutions run in) and, optionally, ``torch.compile``
         of the Denoising UNet, the module the N steps run (compiled in place: state-dict keys do not change).
+        ``compile`` is False, True (torch's default mode) or a torch.compile mode; "reduce-overhead" replays
+        CUDA graphs, which is what a batch-1 edit needs: it is bound by kernel launches, not by FLOPs.
         Attention is already scaled-dot-product everywhere (FaceFusion's processor and diffusers' default)."""
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         if compile:
-            self.model.unet_denoise.compile(fullgraph=False, dynamic=False)
+            mode = None if compile is True else compile
+            self.model.unet_denoise.compile(fullgraph=False, dynamic=False, mode=mode)
         return self
 
     # ------------------------------------------------------------------ inputs

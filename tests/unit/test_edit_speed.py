@@ -70,6 +70,32 @@ def test_compile_flag_compiles_the_denoising_unet_in_place(components):
     assert set(pipe.model.state_dict()) == keys  # saved checkpoints keep their key names
 
 
+@pytest.mark.parametrize("setting, mode", [(True, None), ("reduce-overhead", "reduce-overhead")])
+def test_compile_setting_chooses_the_torch_compile_mode(components, monkeypatch, setting, mode):
+    """`evaluate.compile: reduce-overhead` (CUDA graphs: 0.57 s vs 2.24 s per bf16 edit on an H200) reaches
+    torch.compile as its mode; `true` keeps torch's default."""
+    import copy
+
+    from rigface.config import RigFaceConfig
+    from rigface.model import RigFacePipeline
+
+    assert RigFaceConfig.model_validate({"evaluate": {"compile": setting}}).evaluate.compile == setting
+    seen = {}
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.update(kw))
+    RigFacePipeline.from_components(copy.deepcopy(components)).optimize_for_speed(channels_last=False,
+                                                                                 compile=setting)
+    assert seen == {"fullgraph": False, "dynamic": False, "mode": mode}
+
+
+def test_compile_setting_refuses_an_unknown_mode():
+    from pydantic import ValidationError
+
+    from rigface.config import RigFaceConfig
+
+    with pytest.raises(ValidationError):
+        RigFaceConfig.model_validate({"evaluate": {"compile": "fastest"}})
+
+
 def test_every_attention_is_scaled_dot_product(components):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
