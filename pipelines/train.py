@@ -626,6 +626,8 @@ def _save_checkpoint(step, epoch, strategy, optimizer, scheduler, ema, scaler, c
                         "mlflow_run_id": config["mlflow_run_id"]}, os.path.join(d, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if tracker is not None:
+            _verify_upload(d, f"{config['checkpoint_root']}/{name}")
     if tracker is not None:
         root = config["checkpoint_root"]
         uri = f"{root}/{name}"
@@ -637,6 +639,21 @@ def _save_checkpoint(step, epoch, strategy, optimizer, scheduler, ema, scaler, c
             tracker.client.set_tag(tracker.run_id, "rigface.checkpoint.best", redact(f"{root}/{best['name']}"))
         _prune_checkpoints(root, keep, best)
     return best
+
+
+def _verify_upload(local_dir: str, uri: str) -> None:
+    """Every file of the checkpoint Ray Train just reported is in storage at its size: a missing one is uploaded
+    again from the still-present local copy, once; if that does not hold either, the step fails (and Ray Train
+    restarts from the checkpoint before) rather than the run going on with a checkpoint it cannot resume from."""
+    missing = storage.missing_from(local_dir, uri)
+    if not missing:
+        return
+    log.warning("checkpoint %s: storage lacks %s after the upload; uploading them again", redact(uri), missing)
+    for rel in missing:
+        storage.upload_file(os.path.join(local_dir, rel), f"{uri}/{rel}")
+    still = storage.missing_from(local_dir, uri)
+    if still:
+        raise RuntimeError(f"checkpoint {redact(uri)}: storage still lacks {still} after uploading them again")
 
 
 def _checkpoint_names(root: str) -> set[str]:

@@ -240,6 +240,23 @@ def upload_file(local_path: str | os.PathLike[str], url: str | URL) -> None:
     s3_client().upload_file(os.fspath(local_path), u.bucket, u.key)
 
 
+def missing_from(local_dir: str | os.PathLike[str], url: str | URL) -> list[str]:
+    """Paths (relative, '/'-separated) of the files under ``local_dir`` that the folder ``url`` it was copied to
+    lacks or holds at another size. For copies made by other code (Ray Train's pyarrow upload of a checkpoint)
+    that we must not take on trust: a store under load has lost files of such a copy here."""
+    root = Path(local_dir)
+    base = str(url).rstrip("/")
+    out = []
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(root).as_posix()
+        target = f"{base}/{rel}"
+        if not exists(target) or size(target) != p.stat().st_size:
+            out.append(rel)
+    return out
+
+
 @retrying
 def download_file(url: str | URL, local_path: str | os.PathLike[str]) -> None:
     u = parse_url(url)
@@ -577,6 +594,10 @@ def iter_chunks(url: str | URL, chunk_size: int = 1 << 20) -> Iterator[bytes]:
             yield chunk
 
 
+PYARROW_CONNECT_TIMEOUT_S = 10.0
+PYARROW_REQUEST_TIMEOUT_S = 60.0
+
+
 def pyarrow_filesystem(url: str):
     """(pyarrow filesystem, path without scheme) for Ray's own readers and Ray Train's storage_path: S3
     honouring AWS_ENDPOINT_URL (the local stack), or the local filesystem."""
@@ -586,7 +607,11 @@ def pyarrow_filesystem(url: str):
     if u.scheme == "file":
         return pafs.LocalFileSystem(), u.key
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    # The AWS SDK's defaults (1 s to connect, a transfer aborted after 3 s without progress) turn a server that
+    # is slow under load into aborted and resent uploads, racing the originals still running on the server; a
+    # checkpoint's files were lost that way. Slow is not dead: wait longer, retry less often.
+    kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                    "connect_timeout": PYARROW_CONNECT_TIMEOUT_S, "request_timeout": PYARROW_REQUEST_TIMEOUT_S}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "http")

@@ -40,6 +40,26 @@ def test_s3_roundtrip_multipart_range_list_delete(stack, s3_prefix, tmp_path):
         storage.read_bytes(key)
 
 
+def test_a_file_lost_from_a_pyarrow_copy_is_found_on_s3(stack, s3_prefix, tmp_path):
+    """The check behind checkpoint uploads: a folder copied the way Ray Train copies a checkpoint (pyarrow,
+    with our timeouts), one object then lost, one cut short: both named, the rest not."""
+    import pyarrow.fs as pafs
+
+    local = tmp_path / "ckpt"
+    (local / "model").mkdir(parents=True)
+    (local / "model" / "w.bin").write_bytes(os.urandom(6 * 1024 * 1024))
+    (local / "training_state.pt").write_bytes(os.urandom(1000))
+    (local / "model" / "config.json").write_text("{}")
+    url = storage.join(s3_prefix, "checkpoint_00000001")
+    fs, path = storage.pyarrow_filesystem(url)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    assert storage.missing_from(local, url) == []
+    storage.delete(storage.join(url, "training_state.pt"))
+    storage.write_bytes(storage.join(url, "model", "config.json"), b"{ }")
+    assert storage.missing_from(local, url) == ["model/config.json", "training_state.pt"]
+    storage.delete_prefix(url)
+
+
 def test_mlflow_run_with_artifact(stack, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient

@@ -94,3 +94,18 @@ def test_delete_many_reports_nothing_for_objects_already_gone(tmp_path):
     (tmp_path / "a").write_bytes(b"1")
     assert storage.delete_many([str(tmp_path / "a"), str(tmp_path / "never")]) == {}
     assert not (tmp_path / "a").exists()
+
+
+def test_missing_from_names_files_lacking_or_of_another_size(tmp_path):
+    import shutil
+
+    local = tmp_path / "ckpt"
+    (local / "model").mkdir(parents=True)
+    for rel, data in {"training_state.pt": b"state", "model/a.json": b"{}", "model/b.bin": b"x" * 100}.items():
+        (local / rel).write_bytes(data)
+    remote = tmp_path / "store" / "ckpt"
+    shutil.copytree(local, remote)
+    assert storage.missing_from(local, remote) == []
+    (remote / "training_state.pt").unlink()
+    (remote / "model" / "b.bin").write_bytes(b"x" * 99)  # a cut-off copy
+    assert storage.missing_from(local, str(remote) + "/") == ["model/b.bin", "training_state.pt"]

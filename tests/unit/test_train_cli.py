@@ -87,3 +87,36 @@ def test_retention_keeps_latest_and_best_and_leaves_a_marker_in_each_pruned_fold
     _prune_checkpoints(str(root), keep=2, best={"name": "checkpoint_00000004"})  # again: nothing changes
     assert (root / "checkpoint_00000002" / PRUNED_FILE).exists()
     assert (root / "checkpoint_manager_snapshot.json").exists()
+
+
+def _checkpoint_copy(tmp_path):
+    import shutil
+
+    local = tmp_path / "local"
+    (local / "model").mkdir(parents=True)
+    (local / "model" / "weights.safetensors").write_bytes(b"w" * 64)
+    (local / "training_state.pt").write_bytes(b"s" * 32)
+    remote = tmp_path / "runs" / "r" / "checkpoint_00000008"
+    shutil.copytree(local, remote)
+    (remote / "training_state.pt").unlink()  # what a soak under load found after Ray's upload
+    return local, remote
+
+
+def test_a_checkpoint_file_lost_in_the_upload_is_uploaded_again(tmp_path, caplog):
+    from pipelines.train import _verify_upload
+
+    local, remote = _checkpoint_copy(tmp_path)
+    with caplog.at_level("WARNING", logger="pipelines.train"):
+        _verify_upload(str(local), str(remote))
+    assert (remote / "training_state.pt").read_bytes() == b"s" * 32
+    assert "training_state.pt" in caplog.text
+
+
+def test_a_checkpoint_upload_that_cannot_be_repaired_fails_the_step(tmp_path, monkeypatch):
+    from pipelines.train import _verify_upload
+    from rigface.data import storage
+
+    local, remote = _checkpoint_copy(tmp_path)
+    monkeypatch.setattr(storage, "upload_file", lambda src, dst: None)  # a store that keeps losing it
+    with pytest.raises(RuntimeError, match="still lacks"):
+        _verify_upload(str(local), str(remote))
