@@ -289,6 +289,10 @@ def main() -> None:
             rows.append(("prepare, 1 Ray node x 1 CPU", f"{s1.pairs} pairs in {t1:.1f} s", f"{s1.pairs / t1:.2f} pairs/s"))
             rows.append(("prepare, 2 Ray nodes x 1 CPU", f"{s2.pairs} pairs in {t2:.1f} s", f"{s2.pairs / t2:.2f} pairs/s"))
             rows.append(("  speed-up 1 -> 2 nodes (goal >= 1.8)", "", f"x{(s2.pairs / t2) / (s1.pairs / t1):.2f}"))
+            st1, st2 = steady_state(tmp / "n1"), steady_state(tmp / "n2")
+            if st1 and st2:
+                rows.append(("  steady state speed-up 1 -> 2 nodes", f"{st1[0] / st1[1]:.2f} -> {st2[0] / st2[1]:.2f} pairs/s",
+                             f"x{(st2[0] / st2[1]) / (st1[0] / st1[1]):.2f}"))
             loads.append(os.getloadavg()[0])
         if args.rss_videos:
             many = tmp / "many"
