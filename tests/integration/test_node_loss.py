@@ -123,6 +123,10 @@ class RayNode:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+# What `ray start` prints when it gives up while the machine is too loaded for its fixed startup timeouts.
+STARTUP_FAILURES = ("timed out during startup", "No node info found for head node")
+
+
 class TwoNodeCluster:
     def __init__(self, head_cpus: int, second_cpus: int):
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
@@ -140,17 +144,21 @@ class TwoNodeCluster:
         self.second_cpus = second_cpus
 
     def start(self, timeout: float = 180.0, attempts: int = 3) -> None:
-        """Both nodes up and registered. On a loaded machine `ray start` itself can give up (its raylet must
-        register within a fixed 30 s: "timed out during startup"); such a node is started again, a bounded
-        number of times, as a cluster manager would."""
+        """Both nodes up and registered. The second node starts once the head is registered, as KubeRay's workers
+        wait for the head's GCS: started together on a loaded machine, the second gave up after ~50 s ("No node
+        info found for head node"). `ray start` can still give up there (a raylet must register within a fixed
+        30 s: "timed out during startup"); such a node is started again, a bounded number of times, as a cluster
+        manager would."""
         for attempt in range(1, attempts + 1):
-            self.second = self.second or RayNode(self.env, self.second_cpus, head_address=self.head.address)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                dead = [n for n in (self.head, self.second) if n.proc.poll() is not None]
+                nodes = self.alive_nodes()
+                if self.second is None and nodes >= 1:
+                    self.second = RayNode(self.env, self.second_cpus, head_address=self.head.address)
+                dead = [n for n in (self.head, self.second) if n is not None and n.proc.poll() is not None]
                 if dead:
                     text = "\n".join(n.log.read_text(errors="replace")[-3000:] for n in dead)
-                    if attempt == attempts or "timed out during startup" not in text:
+                    if attempt == attempts or not any(f in text for f in STARTUP_FAILURES):
                         raise RuntimeError(f"ray start exited {dead[0].proc.returncode}:\n{text}")
                     if self.head in dead:  # a new head has a new address: the second node goes with it
                         self.stop()
@@ -159,12 +167,12 @@ class TwoNodeCluster:
                         self.second.stop()
                     self.second = None
                     break
-                if self.alive_nodes() == 2:
+                if nodes == 2:
                     return
                 time.sleep(2)
             else:
-                raise RuntimeError(f"the 2-node cluster did not form in {timeout:.0f} s:\n"
-                                   f"{self.head.log.read_text()[-2000:]}\n{self.second.log.read_text()[-2000:]}")
+                logs = [n.log.read_text()[-2000:] for n in (self.head, self.second) if n is not None]
+                raise RuntimeError(f"the 2-node cluster did not form in {timeout:.0f} s:\n" + "\n".join(logs))
 
     def alive_nodes(self) -> int:
         """Nodes in `ray status`'s Active list (it asks the GCS; `ray list` would need a dashboard)."""
