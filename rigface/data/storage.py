@@ -608,8 +608,8 @@ def pyarrow_filesystem(url: str):
         return pafs.LocalFileSystem(), u.key
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     # The AWS SDK's defaults (1 s to connect, a transfer aborted after 3 s without progress) turn a server that
-    # is slow under load into aborted and resent uploads, racing the originals still running on the server; a
-    # checkpoint's files were lost that way. Slow is not dead: wait longer, retry less often.
+    # is slow under load into aborted and resent uploads, racing the originals still running on the server (the
+    # likely way a checkpoint lost a file in a soak under load). Slow is not dead: wait longer, retry less often.
     kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
                     "connect_timeout": PYARROW_CONNECT_TIMEOUT_S, "request_timeout": PYARROW_REQUEST_TIMEOUT_S}
     if endpoint:
