@@ -251,10 +251,21 @@ def missing_from(local_dir: str | os.PathLike[str], url: str | URL) -> list[str]
         if not p.is_file():
             continue
         rel = p.relative_to(root).as_posix()
-        target = f"{base}/{rel}"
-        if not exists(target) or size(target) != p.stat().st_size:
+        if _size_or_none(f"{base}/{rel}") != p.stat().st_size:
             out.append(rel)
     return out
+
+
+def _size_or_none(url: str) -> int | None:
+    """The object's size, None where there is none: one HEAD, not exists() and then size()."""
+    try:
+        return size(url)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        if _not_found(exc):
+            return None
+        raise
 
 
 @retrying
