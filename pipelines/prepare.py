@@ -4,8 +4,10 @@ Stages::
 
     lease on the output  ->  list + sampled content hash (driver threads)  ->  plan (rigface.data.dataset:
     de-duplicate, split by video, assign videos to shards; committed before any shard, compared on a rerun)  ->
-    decode + sample pairs (CPU tasks)  ->  face analysis (autoscaling actor pool sized by pipelines.resources,
-    one FaceAnalyzer per actor, fractional CPUs / GPUs)  ->  pair conditions + encode (CPU tasks)  ->
+    per video: decode + sample pairs -> face analysis -> pair conditions + encode, in a face pool sized by
+    pipelines.resources: on CPUs, actors that each run all three for a video in one watchdog child (frames
+    never cross a process; one actor per core); with GPUs, CPU decode tasks -> GPU face actors -> CPU encode
+    tasks  ->
     shard assembly and write (driver streams the ordered output, a thread pool writes each shard, then its
     stats file)  ->  index + dataset card.
 
@@ -298,6 +300,43 @@ def _analyze_video(backend, frame_indices: list[int], frames_blob: bytes) -> dic
     return results
 
 
+class PrepareVideos:
+    """Actor-pool stage on CPU nodes: one watchdog child per actor holds the face backend and takes each video
+    from its bytes to encoded samples (decode_video, analyze, build_samples_row), so frames never leave that
+    process and no task competes with the pool for the cores. A video that kills the child ``retries + 1`` times
+    is ``crashed``, one that runs past ``timeout_s`` is ``timeout``; the actor goes on with the next video."""
+
+    def __init__(self, face_cfg, backend_factory: Callable[[Any], Any] | None = None, *,
+                 decode: dict[str, Any], build: dict[str, Any], timeout_s: float = 600.0, retries: int = 2) -> None:
+        self.guard = GuardedWorker(functools.partial(backend_factory or FaceBackend, face_cfg), timeout_s=timeout_s,
+                                   retries=retries, name="prepare-video")
+        self.decode, self.build = decode, build
+        self.guard.call(_ping)  # build the backend now: a broken face config fails the job at start, loudly
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        out = self.guard.call(_prepare_video, row, self.decode, self.build)
+        if isinstance(out, (Crashed, TimedOut)):
+            out = build_samples_row(_empty_decode(row, _guard_status(out, row)), **self.build)
+            out["busy_analyze"] = time.perf_counter() - t0  # where the time went is unknown; the pool held it
+        return out
+
+
+def _prepare_video(backend, row: dict[str, Any], decode: dict[str, Any], build: dict[str, Any]) -> dict[str, Any]:
+    """In the watchdog child: one video, decoded, analyzed and encoded, with each stage's seconds."""
+    t0 = time.perf_counter()
+    dec = decode_video(row, **decode)
+    t1 = time.perf_counter()
+    fits = {}
+    if dec["status"] == "" and dec["frames"] is not None:
+        fits = _analyze_video(backend, dec["frame_indices"], dec["frames"])
+    t2 = time.perf_counter()
+    out = build_samples_row(dict(dec, fits=pickle.dumps(fits, protocol=5), frames=None), backend_factory=backend,
+                            **build)
+    out.update(busy_decode=t1 - t0, busy_analyze=t2 - t1, busy_build=time.perf_counter() - t2)
+    return out
+
+
 def build_samples_row(row: dict[str, Any], *, n_pairs: int, min_gap_seconds: float, seed: int, jpeg_quality: int,
                       backend_factory: Callable[[Any], Any] | None = None, face_cfg=None) -> dict[str, Any]:
     """Choose the final pairs among frames whose analysis passed, build their conditions, encode the samples."""
@@ -505,14 +544,10 @@ def _run_stages(cfg: RigFaceConfig, out: Dataset, lease, pending: dict[str, list
     p = cfg.prepare
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards arrive whole, one after another: bounded driver memory
-    # One autoscaling face-actor pool sized from what Ray reports (pipelines.resources), fractional CPUs so
-    # the decode and encode tasks always find room, GPUs where resources.gpus says so.
+    # One face pool sized from what Ray reports (pipelines.resources): on CPUs, actors that each take whole videos;
+    # with GPUs, face actors fed by CPU decode tasks and followed by CPU encode tasks.
     pool = face_pool(cfg.resources, ray.cluster_resources())
     log.info("prepare: %s", pool.describe())
-    face_cfg = cfg.face
-    if pool.gpus and face_cfg.backend_device == "cpu":  # actors that hold a GPU run the torch/onnx backends there
-        face_cfg = face_cfg.model_copy(update={"backend_device": "cuda"})
-    task_cpus = pool.task_cpus
     rows = [dict(v, shard=url) for url, vids in pending.items() for v in vids]
     keep = ("shard", "video_id", "content_hash", "split", "url", "name")
     rows = [{k: r[k] for k in keep} for r in rows]
@@ -525,27 +560,37 @@ def _run_stages(cfg: RigFaceConfig, out: Dataset, lease, pending: dict[str, list
     # (health checks, ~15-30 s), and a count of retries was spent in that window and failed the job
     # (tests/integration/test_node_loss.py). A video that crashes its actor is caught by the guard instead.
     actor_opts = dict(max_restarts=p.max_actor_restarts, max_task_retries=-1)
+    # Never more actors than videos (each loads the face models once).
+    compute = ray.data.ActorPoolStrategy(min_size=min(pool.min_size, len(rows)), max_size=min(pool.max_size, len(rows)))
     guard = dict(timeout_s=p.video_timeout_s, retries=p.max_retries)
-    ds = ds.map(_busy("decode", decode_row),
-                fn_kwargs=dict(n_pairs=n_pairs, spare=spare, min_gap_seconds=p.min_gap_seconds, seed=p.seed,
-                               max_side=p.max_frame_side, probe=_probe_settings(cfg), **guard),
-                num_cpus=task_cpus, **task_opts)
-    ds = ds.map_batches(
-        AnalyzeFrames, fn_constructor_args=(face_cfg, backend_factory), fn_constructor_kwargs=guard, batch_size=1,
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
-        # Fractional CPUs: the pool must never take every CPU, or the decode tasks starve and the job hangs.
-        num_cpus=pool.cpus, num_gpus=pool.gpus or None, **actor_opts,
-    )
-    ds = ds.map(_busy("build", build_samples_row),
-                fn_kwargs=dict(n_pairs=n_pairs, min_gap_seconds=p.min_gap_seconds, seed=p.seed,
-                               jpeg_quality=p.jpeg_quality, backend_factory=backend_factory, face_cfg=cfg.face),
-                num_cpus=task_cpus, **task_opts)
+    decode = dict(n_pairs=n_pairs, spare=spare, min_gap_seconds=p.min_gap_seconds, seed=p.seed,
+                  max_side=p.max_frame_side, probe=_probe_settings(cfg))
+    build = dict(n_pairs=n_pairs, min_gap_seconds=p.min_gap_seconds, seed=p.seed, jpeg_quality=p.jpeg_quality,
+                 face_cfg=cfg.face)
+    face_cfg = cfg.face
+    if pool.gpus and face_cfg.backend_device == "cpu":  # actors that hold a GPU run the torch/onnx backends there
+        face_cfg = face_cfg.model_copy(update={"backend_device": "cuda"})
+    if pool.fused:
+        ds = ds.map(PrepareVideos, fn_constructor_args=(face_cfg, backend_factory),
+                    fn_constructor_kwargs=dict(decode=decode, build=build, **guard), compute=compute,
+                    num_cpus=pool.cpus, num_gpus=pool.gpus or None, **actor_opts)
+    else:
+        ds = ds.map(_busy("decode", decode_row), fn_kwargs=dict(decode, **guard), num_cpus=pool.task_cpus,
+                    **task_opts)
+        ds = ds.map_batches(
+            AnalyzeFrames, fn_constructor_args=(face_cfg, backend_factory), fn_constructor_kwargs=guard,
+            batch_size=1, batch_format="numpy", compute=compute,
+            # Fractional CPUs: the pool must never take every CPU, or the decode tasks starve and the job hangs.
+            num_cpus=pool.cpus, num_gpus=pool.gpus or None, **actor_opts,
+        )
+        ds = ds.map(_busy("build", build_samples_row), fn_kwargs=dict(build, backend_factory=backend_factory),
+                    num_cpus=pool.task_cpus, **task_opts)
 
     expected = {url: {v["video_id"] for v in vids} for url, vids in pending.items()}
     buffers: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     futures: list[Future] = []
     busy: Counter[str] = Counter()
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="shard-writer") as pool:
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="shard-writer") as writers:
         for row in ds.iter_rows():
             url, vid = row["shard"], row["video_id"]
             busy.update({k: float(row.get(f"busy_{k}") or 0.0) for k in BUSY_STAGES})
@@ -553,7 +598,7 @@ def _run_stages(cfg: RigFaceConfig, out: Dataset, lease, pending: dict[str, list
             buffers[url].setdefault(vid, {"report": json.loads(row["report"]), "keys": list(row["keys"]),
                                           "samples": list(row["samples"])})
             if set(buffers[url]) >= expected[url]:
-                futures.append(pool.submit(_busy_write, busy, out, lease, url, buffers.pop(url)))
+                futures.append(writers.submit(_busy_write, busy, out, lease, url, buffers.pop(url)))
             for f in [f for f in futures if f.done()]:
                 futures.remove(f)
                 f.result()  # surface write errors early

@@ -18,47 +18,59 @@ def use_gpus(res: ResourcesConfig, gpus_now: float) -> bool:
 
 @dataclass(frozen=True)
 class FacePool:
-    """An autoscaling actor pool: min..max actors of `cpus` (and `gpus`) each; `task_cpus` per CPU task."""
+    """prepare's face pool: min..max actors of `cpus` (and `gpus`) each.
+
+    fused (CPU only): each actor takes a video from its bytes to encoded samples (decode, face analysis, pair
+    conditions and encoding in its watchdog child), so frames never cross a process and no task competes with
+    the actors for cores. Otherwise (GPU actors) decode and encode run as CPU tasks of `task_cpus` around them.
+    """
 
     min_size: int
     max_size: int
     cpus: float
     gpus: float
     task_cpus: float
+    fused: bool = False
 
     def describe(self) -> str:
+        if self.fused:
+            return (f"{self.min_size}..{self.max_size} video actors x {self.cpus:g} CPU "
+                    "(decode, face analysis and encoding in one process each)")
         gpu = f", {self.gpus:g} GPU" if self.gpus else ""
         return (f"{self.min_size}..{self.max_size} face actors x {self.cpus:g} CPU{gpu}; "
-                f"CPU tasks {self.task_cpus:g} CPU")
+                f"decode / encode tasks {self.task_cpus:g} CPU")
 
 
 def face_pool(res: ResourcesConfig, cluster: dict[str, float]) -> FacePool:
-    """Size prepare's face-analysis pool from what Ray reports (`ray.cluster_resources()`).
+    """Size prepare's face pool from what Ray reports (`ray.cluster_resources()`).
 
-    CPU only: one actor per `face_actor_cpus` cores of the CPUs left after `reserve_cpus` (at least one), so
-    face analysis, the slowest stage, keeps every core busy while decode and encode tasks (`task_cpus` each)
-    always find room. With GPUs: one actor per `face_actor_gpus` share of every GPU, as far as CPUs allow.
-    `face_actors_max` caps (or, on an autoscaling cluster whose nodes are not up yet, sets) the maximum.
+    CPU only (face_layout auto): one fused actor per `face_actor_cpus` cores, each taking whole videos, so the
+    pool is the job and fills every core. With GPUs (or face_layout staged): one face actor per
+    `face_actor_gpus` share of every GPU, as far as the CPUs left after `reserve_cpus` allow, with decode and
+    encode tasks (`task_cpus` each) on the rest. The pool starts at the size the resources hold now
+    (`face_actors_min` lowers or raises that) and may grow to `face_actors_max`, which on an autoscaling cluster,
+    whose nodes are not up yet, sets how far.
     """
     cpus = float(cluster.get("CPU", 0.0))
     gpus_now = float(cluster.get("GPU", 0.0))
     if cpus <= 0:
         raise ValueError("Ray reports no CPU")
-    reserve = min(res.reserve_cpus, cpus / 2)  # a 1-CPU box still gives the pool half a CPU
-    task_cpus = min(res.task_cpus, reserve) if reserve > 0 else res.task_cpus
-    pool_cpus = cpus - reserve
-    by_cpu = max(1, math.floor(pool_cpus / res.face_actor_cpus + 0.5))  # nearest: 1.5 CPUs -> 2 actors
     gpu = use_gpus(res, gpus_now)
-    if gpu:
-        by_gpu = math.floor(gpus_now / res.face_actor_gpus + 1e-9)
-        sized = max(1, min(by_cpu, by_gpu))
+    fused = res.face_layout == "fused" or (res.face_layout == "auto" and not gpu)
+    if fused:
+        reserve, task_cpus = 0.0, 0.0
+        by_cpu = max(1, math.floor(cpus / res.face_actor_cpus + 1e-9))
     else:
-        sized = by_cpu
+        reserve = min(res.reserve_cpus, cpus / 2)  # a 1-CPU box still gives the pool half a CPU
+        task_cpus = min(res.task_cpus, reserve) if reserve > 0 else res.task_cpus
+        by_cpu = max(1, math.floor((cpus - reserve) / res.face_actor_cpus + 0.5))  # nearest: 1.5 CPUs -> 2 actors
+    sized = max(1, min(by_cpu, math.floor(gpus_now / res.face_actor_gpus + 1e-9))) if gpu else by_cpu
     max_size = res.face_actors_max or sized
-    min_size = min(res.face_actors_min, max_size)
-    # Logical shares: the sized pool exactly fills the CPUs left after the reserve (Ray counts logical CPUs;
-    # each busy actor still runs on a whole core, and the light CPU tasks share the cores with it).
-    actor_cpus = min(res.face_actor_cpus, pool_cpus / sized)
+    # Start at what the resources hold now: Ray Data's autoscaler grows a pool only while its resource budget
+    # allows, and on a 2-CPU node the decode and encode operators' reservations kept it at one actor for a run.
+    min_size = min(res.face_actors_min or sized, max_size)
+    # Logical shares: the sized pool fits in the CPUs left after the reserve (Ray counts logical CPUs; each busy
+    # actor still runs on a whole core, and the light CPU tasks share the cores with it).
+    actor_cpus = min(res.face_actor_cpus, (cpus - reserve) / sized)
     return FacePool(min_size=min_size, max_size=max_size, cpus=round(actor_cpus, 4),
-                    gpus=res.face_actor_gpus if gpu else 0.0,
-                    task_cpus=round(task_cpus, 4))
+                    gpus=res.face_actor_gpus if gpu else 0.0, task_cpus=round(task_cpus, 4), fused=fused)

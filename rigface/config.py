@@ -91,25 +91,28 @@ class PrepareConfig(_Section):
 
 
 class ResourcesConfig(_Section):
-    """What the jobs may use, in one place: GPUs, and how face analysis shares the CPUs with other stages.
+    """What the jobs may use, in one place: GPUs, and how prepare's face pool shares the cores.
 
-    prepare's face analysis runs in an autoscaling actor pool of face_actors_min..max actors; max defaults to
-    what the CPUs (or GPUs) Ray reports hold, after reserve_cpus are left to the decode and encode tasks, so
-    the slowest stage uses every core on a laptop and every node of a cluster, and the decode tasks never
-    starve. On an autoscaling cluster, whose nodes may not exist yet, set face_actors_max (and gpus: on).
+    On CPUs, prepare runs one pool of actors that each take whole videos (decode, face analysis, encoding), one per
+    face_actor_cpus cores Ray reports; with GPUs, face actors share each GPU (face_actor_gpus) and decode and
+    encode run as CPU tasks (task_cpus each) on the reserve_cpus they leave. The pool starts at the size the
+    resources hold now and grows to face_actors_max: on an autoscaling cluster, whose nodes may not exist yet,
+    set face_actors_max (and gpus: on).
     """
 
     gpus: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: use GPUs when Ray reports any now; on: request them even at zero (autoscaling "
         "GPU nodes); off: never. Drives prepare's face actors, train workers and evaluate's editing actors")
-    face_actors_min: int = Field(1, ge=1)
-
+    face_layout: Literal["auto", "fused", "staged"] = Field(
+        "auto", description="fused: each face actor takes whole videos (decode, analysis, encoding); staged: CPU "
+        "decode / encode tasks around the face actors; auto: fused on CPUs, staged when GPUs are used")
+    face_actors_min: int | None = Field(None, ge=1, description="None: the pool the resources Ray reports hold now")
     face_actors_max: int | None = Field(None, ge=1, description="None: sized from the resources Ray reports")
     face_actor_cpus: float = Field(1.0, gt=0.0, description="cores one busy face actor uses; its logical CPU "
-                                   "share is fitted so the sized pool fills the CPUs after reserve_cpus")
+                                   "share is fitted so the sized pool fills the CPUs (after reserve_cpus with GPUs)")
     face_actor_gpus: float = Field(0.25, gt=0.0, le=1.0, description="GPU share per face actor when GPUs are used")
-    task_cpus: float = Field(0.25, gt=0.0, description="logical CPUs per decode / encode task")
-    reserve_cpus: float = Field(0.5, ge=0.0, description="CPUs the face pool leaves to decode / encode tasks")
+    task_cpus: float = Field(0.25, gt=0.0, description="logical CPUs per decode / encode task (GPU layout)")
+    reserve_cpus: float = Field(0.5, ge=0.0, description="CPUs the GPU face actors leave to decode / encode tasks")
 
     @field_validator("gpus", mode="before")
     @classmethod

@@ -14,6 +14,7 @@ import pytest
 
 import media  # tests/ is on pythonpath (pyproject)
 
+from pipelines.resources import FacePool, face_pool
 from rigface.config import load_config
 from rigface.data import dataset, schema, storage
 from rigface.data.dataset import Dataset
@@ -257,21 +258,21 @@ class PidBackend:
     conditions = staticmethod(lambda a, b: __import__("pipelines.prepare", fromlist=["x"]).FaceBackend.conditions(a, b))
 
 
-def test_face_pool_sized_from_the_resources_ray_reports(ray_local, tmp_path):
-    """2 CPUs reported -> a pool of up to 2 face actors of 0.75 CPU, and the decode tasks still run.
-
-    face_actors_min is set above what fits, so the pool starts at its sized maximum (clipped) and the test
-    does not depend on when Ray Data's autoscaler would grow it.
-    """
+@pytest.mark.parametrize("layout, expected", [
+    ("auto", FacePool(2, 2, 1.0, 0.0, 0.0, True)),       # CPUs: an actor per core takes whole videos
+    ("staged", FacePool(2, 2, 0.75, 0.0, 0.25, False)),  # how GPU nodes run: decode / encode tasks around the pool
+])
+def test_face_pool_sized_from_the_resources_ray_reports(ray_local, tmp_path, layout, expected):
+    """2 CPUs reported -> a pool of 2 actors from the start (Ray Data's autoscaler had kept it at one for a whole
+    run), each building its face backend once; in the staged layout the decode and encode tasks still run."""
     import ray
     import ray.cloudpickle
 
     from pipelines.prepare import run_prepare
-    from pipelines.resources import FacePool, face_pool
 
     c = load_config(overrides=["prepare.pairs_per_video=2", "prepare.shard_size=4", "prepare.val_fraction=0.0",
-                               "prepare.min_gap_seconds=1.0", "resources.face_actors_min=8"])
-    assert face_pool(c.resources, ray.cluster_resources()) == FacePool(2, 2, 0.75, 0.0, 0.25)
+                               "prepare.min_gap_seconds=1.0", f"resources.face_layout={layout}"])
+    assert face_pool(c.resources, ray.cluster_resources()) == expected
     src = tmp_path / "src"
     for i in range(4):
         media.face_video(src / f"v{i}.mp4", n_frames=22 + i, fps=10, size=SIZE, scale=1.0)

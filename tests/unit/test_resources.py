@@ -11,19 +11,23 @@ from rigface.config import ConfigError, ResourcesConfig, load_config
 @pytest.mark.parametrize(
     "cpus, gpus, overrides, expected",
     [
-        # 2 CPUs: 0.5 left to decode/encode tasks, two face actors share the other 1.5 (one per core).
-        (2, 0, {}, FacePool(1, 2, 0.75, 0.0, 0.25)),
-        # 1 CPU: one actor on half of it, tasks on the other half; never a pool that takes every CPU.
-        (1, 0, {}, FacePool(1, 1, 0.5, 0.0, 0.25)),
-        (16, 0, {}, FacePool(1, 16, 0.9688, 0.0, 0.25)),
-        (64, 0, {"face_actor_cpus": 2.0, "face_actors_min": 4}, FacePool(4, 32, 1.9844, 0.0, 0.25)),
-        # GPUs present (auto): four actors per GPU, bounded by CPUs too.
-        (16, 2, {}, FacePool(1, 8, 1.0, 0.25, 0.25)),
-        (4, 4, {}, FacePool(1, 4, 0.875, 0.25, 0.25)),
-        (16, 2, {"gpus": "off"}, FacePool(1, 16, 0.9688, 0.0, 0.25)),
-        # Autoscaling cluster, GPU nodes at zero now: gpus on + a max the pool may grow to.
-        (2, 0, {"gpus": "on", "face_actors_max": 8, "face_actor_gpus": 0.5}, FacePool(1, 8, 1.0, 0.5, 0.25)),
-        (8, 0, {"face_actors_min": 20}, FacePool(8, 8, 0.9375, 0.0, 0.25)),  # min clipped to max
+        # CPUs only: one fused actor per core, each taking whole videos; the pool starts at that size.
+        (2, 0, {}, FacePool(2, 2, 1.0, 0.0, 0.0, True)),
+        (1, 0, {}, FacePool(1, 1, 1.0, 0.0, 0.0, True)),
+        (16, 0, {}, FacePool(16, 16, 1.0, 0.0, 0.0, True)),
+        (3, 0, {"face_actor_cpus": 2.0}, FacePool(1, 1, 2.0, 0.0, 0.0, True)),
+        (64, 0, {"face_actor_cpus": 2.0, "face_actors_min": 4}, FacePool(4, 32, 2.0, 0.0, 0.0, True)),
+        (8, 0, {"face_actors_min": 20}, FacePool(8, 8, 1.0, 0.0, 0.0, True)),  # min clipped to max
+        # The staged layout on CPUs: 0.5 CPU left to decode / encode tasks, two face actors share the other 1.5.
+        (2, 0, {"face_layout": "staged"}, FacePool(2, 2, 0.75, 0.0, 0.25, False)),
+        (1, 0, {"face_layout": "staged"}, FacePool(1, 1, 0.5, 0.0, 0.25, False)),
+        # GPUs present (auto): staged, four actors per GPU, bounded by CPUs too.
+        (16, 2, {}, FacePool(8, 8, 1.0, 0.25, 0.25, False)),
+        (4, 4, {}, FacePool(4, 4, 0.875, 0.25, 0.25, False)),
+        (16, 2, {"gpus": "off"}, FacePool(16, 16, 1.0, 0.0, 0.0, True)),
+        (16, 2, {"face_layout": "fused"}, FacePool(8, 8, 1.0, 0.25, 0.0, True)),
+        # Autoscaling cluster, GPU nodes at zero now: gpus on + a max the pool may grow to, from one actor.
+        (2, 0, {"gpus": "on", "face_actors_max": 8, "face_actor_gpus": 0.5}, FacePool(1, 8, 1.0, 0.5, 0.25, False)),
     ],
 )
 def test_face_pool_sizing(cpus, gpus, overrides, expected):
