@@ -53,10 +53,13 @@ def face_pool(res: ResourcesConfig, cluster: dict[str, float]) -> FacePool:
     """
     cpus = float(cluster.get("CPU", 0.0))
     gpus_now = float(cluster.get("GPU", 0.0))
-    if cpus <= 0:
-        raise ValueError("Ray reports no CPU")
     gpu = use_gpus(res, gpus_now)
     fused = res.face_layout == "fused" or (res.face_layout == "auto" and not gpu)
+    if cpus <= 0:  # every worker group at zero: one actor's worth, and the autoscaler adds nodes for the rest
+        if not res.face_actors_max:
+            raise ValueError("Ray reports no CPU now: on an autoscaling cluster set resources.face_actors_max, so "
+                             "the face pool asks for the nodes it needs")
+        cpus = res.face_actor_cpus + (0.0 if fused else res.reserve_cpus)
     if fused:
         reserve, task_cpus = 0.0, 0.0
         by_cpu = max(1, math.floor(cpus / res.face_actor_cpus + 1e-9))

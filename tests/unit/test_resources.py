@@ -28,6 +28,9 @@ from rigface.config import ConfigError, ResourcesConfig, load_config
         (16, 2, {"face_layout": "fused"}, FacePool(8, 8, 1.0, 0.25, 0.0, True)),
         # Autoscaling cluster, GPU nodes at zero now: gpus on + a max the pool may grow to, from one actor.
         (2, 0, {"gpus": "on", "face_actors_max": 8, "face_actor_gpus": 0.5}, FacePool(1, 8, 1.0, 0.5, 0.25, False)),
+        # Every worker group at zero (a head with num-cpus 0): one actor's worth now, the rest from the autoscaler.
+        (0, 0, {"face_actors_max": 16}, FacePool(1, 16, 1.0, 0.0, 0.0, True)),
+        (0, 0, {"gpus": "on", "face_actors_max": 8}, FacePool(1, 8, 1.0, 0.25, 0.25, False)),
     ],
 )
 def test_face_pool_sizing(cpus, gpus, overrides, expected):
@@ -41,7 +44,7 @@ def test_face_pool_sizing(cpus, gpus, overrides, expected):
 def test_gpu_switch_and_config_errors():
     assert use_gpus(ResourcesConfig(), 1) and not use_gpus(ResourcesConfig(), 0)
     assert use_gpus(ResourcesConfig(gpus="on"), 0) and not use_gpus(ResourcesConfig(gpus="off"), 8)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="face_actors_max"):
         face_pool(ResourcesConfig(), {"GPU": 1.0})
     # The old per-job switches are gone: one section decides, and a stale key is an error naming it.
     for stale in ("prepare.num_face_actors=2", "train.use_gpu=true", "evaluate.use_gpu=true",
