@@ -123,8 +123,11 @@ class RayNode:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-# What `ray start` prints when it gives up while the machine is too loaded for its fixed startup timeouts.
-STARTUP_FAILURES = ("timed out during startup", "No node info found for head node")
+# What `ray start` prints when it gives up while the machine is too loaded for its fixed startup timeouts, or when
+# another process took one of the free ports picked for it before its server bound it (seen beside a concurrent
+# `make test`: "Failed to start the grpc server. The specified port is ...").
+STARTUP_FAILURES = ("timed out during startup", "No node info found for head node",
+                    "Failed to start the grpc server", "Address already in use")
 
 
 class TwoNodeCluster:
