@@ -146,12 +146,12 @@ class TwoNodeCluster:
         self.second: RayNode | None = None
         self.second_cpus = second_cpus
 
-    def start(self, timeout: float = 180.0, attempts: int = 3) -> None:
+    def start(self, timeout: float = 180.0, attempts: int = 5) -> None:
         """Both nodes up and registered. The second node starts once the head is registered, as KubeRay's workers
         wait for the head's GCS: started together on a loaded machine, the second gave up after ~50 s ("No node
         info found for head node"). `ray start` can still give up there (a raylet must register within a fixed
-        30 s: "timed out during startup"); such a node is started again, a bounded number of times, as a cluster
-        manager would."""
+        30 s: "timed out during startup", which at load 38 on 2 cores happened 3 times in a row); such a node is
+        started again, a bounded number of times, as a cluster manager would."""
         for attempt in range(1, attempts + 1):
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
